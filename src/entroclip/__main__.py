@@ -1,0 +1,3 @@
+from entroclip.cli import main
+
+main()

@@ -1,0 +1,133 @@
+"""Atomic, verified checkpoints: safetensors weights + optimizer/scheduler/trainer state.
+
+Layout: ``RUN/checkpoints/step_000050/{model.safetensors, state.pt, manifest.json}``. A checkpoint is
+written into a temporary folder and renamed into place only when complete; the manifest holds the
+SHA-256 of every file and a fingerprint of the config fields that must not change across a resume.
+Loading verifies both, so a half-written or corrupt checkpoint is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{6,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is corrupt, incomplete or incompatible with the run's config."""
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_checkpoint(
+    run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], fingerprint: str
+) -> Path:
+    """Write checkpoint ``step`` atomically and return its folder; older checkpoints are kept."""
+    root = run_dir / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f".step_{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    (tmp / "state.pt").write_bytes(buffer.getvalue())
+    files = {name: _sha256(tmp / name) for name in ("model.safetensors", "state.pt")}
+    manifest = {"step": step, "fingerprint": fingerprint, "sha256": files}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for name in (*files, "manifest.json"):
+        with (tmp / name).open("rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders (by name) in ascending step order; temporary folders are ignored."""
+    root = run_dir / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint:
+    """Load and verify one checkpoint folder; raise CheckpointError if it is corrupt or incompatible."""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable manifest ({err})") from None
+    for name, expected in manifest.get("sha256", {}).items():
+        file = path / name
+        if not file.is_file() or _sha256(file) != expected:
+            raise CheckpointError(f"{path}: {name} is missing or corrupt (checksum mismatch)")
+    if manifest.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"{path}: written by an incompatible config (model, task, reward, rollout, loss, optim or "
+            "seed differ); resume with the run's own config.yaml"
+        )
+    weights = load_file(str(path / "model.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=False)
+    return Checkpoint(int(manifest["step"]), path, weights, state)
+
+
+def latest_checkpoint(run_dir: Path, fingerprint: str) -> Checkpoint | None:
+    """The newest checkpoint of a run, verified; None when the run has none."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    return load_checkpoint(found[-1][1], fingerprint)

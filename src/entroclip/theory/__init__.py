@@ -1,0 +1,1 @@
+"""Tabular softmax theory lab."""

