@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from entroclip.runio import METRICS_FILE
 
 
 def _json_value(value: float) -> float | None:

@@ -1,0 +1,152 @@
+"""Run folders on disk: reading ``config.yaml`` and ``metrics.jsonl``, and writing files atomically.
+
+A run folder holds ``config.yaml`` (the resolved config, a nested mapping), ``metrics.jsonl`` (one JSON
+object per step with an integer ``step`` and float metrics; ``null`` marks a non-finite value) and
+optionally ``summary.json``. Reading is tolerant of a run that is still going or was killed: the last
+line of ``metrics.jsonl`` may be truncated and is then ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be read; the message names the file (and line)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run folder, read once: its label, resolved config and metric rows sorted by step."""
+
+    path: Path
+    label: str
+    config: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+
+def _run_file(run_dir: str | Path, name: str) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder not found: {run_dir}")
+    path = run_dir / name
+    if not path.is_file():
+        raise RunFolderError(f"{name} not found in run folder: {path}")
+    return path
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """The resolved config of a run as a nested mapping (empty file: ``{}``)."""
+    path = _run_file(run_dir, CONFIG_FILE)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RunFolderError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Metric rows sorted by step; a repeated step (a resumed run) keeps its last row.
+
+    An unparsable last line (a run killed mid-write) is ignored; any other bad line raises
+    ``RunFolderError`` naming ``file:line``.
+    """
+    path = _run_file(run_dir, METRICS_FILE)
+    lines = path.read_text().splitlines()
+    numbered = [(i, line) for i, line in enumerate(lines, start=1) if line.strip()]
+    by_step: dict[int, dict[str, Any]] = {}
+    for k, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if k == len(numbered) - 1:
+                break
+            raise RunFolderError(f"{path}:{lineno}: not valid JSON: {err.msg}") from None
+        step = row.get("step") if isinstance(row, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise RunFolderError(f"{path}:{lineno}: expected a JSON object with an integer 'step'")
+        by_step[step] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def metric_series(rows: Sequence[Mapping[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of one metric, skipping rows without it (or with ``null``)."""
+    pairs = [(row["step"], row[name]) for row in rows if row.get(name) is not None]
+    try:
+        values = np.array([float(v) for _, v in pairs], dtype=np.float64)
+    except (TypeError, ValueError):
+        bad = next(p for p in pairs if not isinstance(p[1], int | float))
+        raise RunFolderError(f"metric {name!r} at step {bad[0]} is not a number: {bad[1]!r}") from None
+    return np.array([s for s, _ in pairs], dtype=np.int64), values
+
+
+def config_value(config: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """The value at a dotted ``key`` (``"loss.eps_low"``) of a nested config, or ``default`` if absent."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def default_labels(paths: Sequence[Path]) -> list[str]:
+    """Short distinct labels: folder names, widened to more path parts where names collide."""
+    resolved = [p.resolve() for p in paths]
+    for depth in range(1, max((len(p.parts) for p in resolved), default=1) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]
+
+
+def load_runs(run_dirs: Sequence[str | Path], labels: Sequence[str] | None = None) -> list[Run]:
+    """Read the config and metrics of each run folder; labels default to ``default_labels``."""
+    paths = [Path(p) for p in run_dirs]
+    if not paths:
+        raise ValueError("no run folders given")
+    if labels is not None and len(labels) != len(paths):
+        raise ValueError(f"got {len(labels)} labels for {len(paths)} run folders")
+    names = list(labels) if labels is not None else default_labels(paths)
+    if len(set(names)) != len(names):
+        raise ValueError(f"run labels must be distinct, got {names}")
+    return [Run(p, name, read_config(p), read_metrics(p)) for p, name in zip(paths, names, strict=True)]
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """``atomic_write_bytes`` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

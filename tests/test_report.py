@@ -1,0 +1,306 @@
+"""Run-folder reading, statistics, plots and markdown reports on synthetic run folders with known values."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from entroclip.report import (
+    compare_settings,
+    describe,
+    ema,
+    plot_runs,
+    plot_study,
+    run_stats,
+    summarize_study,
+    t_cdf,
+    t_quantile,
+    welch_test,
+    write_report,
+    write_study_report,
+)
+from entroclip.runio import RunFolderError, config_value, metric_series, read_config, read_metrics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(
+    root: Path,
+    name: str,
+    *,
+    eps_low: float | None = 0.2,
+    eps_high: float | None = 0.2,
+    seed: int = 0,
+    steps: int = 6,
+    probe_start: float = 2.0,
+    change: float = 0.3,
+    clip_low: float = 0.01,
+    clip_high: float = 0.03,
+    eval_every: int = 0,
+    ratio: bool = True,
+) -> Path:
+    """A run whose probe entropy moves linearly from ``probe_start`` by ``change`` over ``steps`` updates."""
+    run = root / name
+    run.mkdir(parents=True)
+    config = {
+        "loss": {"eps_low": eps_low, "eps_high": eps_high},
+        "rollout": {"temperature": 1.0},
+        "run": {"seed": seed, "steps": steps},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = []
+    for s in range(1, steps + 1):
+        row = {
+            "step": s,
+            "entropy/rollout": probe_start + 0.1 + change * s / steps,
+            "entropy/probe_before": probe_start + change * (s - 1) / steps,
+            "entropy/probe_after": probe_start + change * s / steps,
+            "clip_ratio/low_mean": clip_low * (1 + (s % 2)),
+            "clip_ratio/high_mean": clip_high,
+            "entropy/effect_low": 0.5,
+            "entropy/effect_high": -0.25,
+            "reward/mean": 0.1 * s,
+        }
+        if ratio:
+            row.update({"ratio/mean": 1.0, "ratio/min": 0.7, "ratio/max": 1.4})
+        if eval_every and s % eval_every == 0:
+            row.update({"eval/pass@1": 0.2, "eval/pass@k": 0.1 * s, "eval/k": 4})
+        rows.append(json.dumps(row))
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    return run
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 5000, path
+
+
+# --- run folders ---------------------------------------------------------------------------------------
+
+
+def test_read_config_and_metrics(tmp_path):
+    run = make_run(tmp_path, "r", eps_low=None, steps=4, eval_every=2)
+    config = read_config(run)
+    assert config_value(config, "loss.eps_low", "absent") is None
+    assert config_value(config, "loss.eps_high") == 0.2
+    assert config_value(config, "loss.nope", "absent") == "absent"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    steps, values = metric_series(rows, "eval/pass@k")
+    assert steps.tolist() == [2, 4] and values == pytest.approx([0.2, 0.4])
+
+
+def test_truncated_last_line_is_ignored_and_repeated_step_keeps_last(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    lines = [
+        '{"step": 1, "reward/mean": 0.5}',
+        '{"step": 2, "reward/mean": null}',
+        '{"step": 2, "reward/mean": 0.7}',
+    ]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "reward/me')
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    steps, values = metric_series(rows, "reward/mean")
+    assert steps.tolist() == [1, 2] and values.tolist() == [0.5, 0.7]
+
+
+def test_corrupt_middle_line_names_file_and_line(tmp_path):
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, oops\n{"step": 4}\n')
+    with pytest.raises(RunFolderError, match=re.escape(f"{run / 'metrics.jsonl'}:3: not valid JSON")):
+        read_metrics(run)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"no_step": 2}\n')
+    with pytest.raises(
+        RunFolderError, match=r"metrics\.jsonl:2: expected a JSON object with an integer 'step'"
+    ):
+        read_metrics(run)
+
+
+def test_missing_folder_and_files_name_the_path(tmp_path):
+    with pytest.raises(RunFolderError, match=re.escape(f"run folder not found: {tmp_path / 'nope'}")):
+        read_metrics(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        RunFolderError, match=re.escape(f"metrics.jsonl not found in run folder: {tmp_path / 'empty'}")
+    ):
+        read_metrics(tmp_path / "empty")
+    with pytest.raises(RunFolderError, match=r"config\.yaml not found"):
+        write_report([tmp_path / "empty"], tmp_path / "out")
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("df", "expected"), [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (10, 2.2281), (30, 2.0423)]
+)
+def test_t_quantile_matches_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("df", [1.0, 2.5, 7.3])
+def test_t_cdf_matches_integrated_density(df):
+    x = np.linspace(0.0, 3.0, 300_001)
+    pdf = (
+        math.gamma((df + 1) / 2)
+        / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+        * (1 + x**2 / df) ** (-(df + 1) / 2)
+    )
+    integral = float(np.sum((pdf[1:] + pdf[:-1]) / 2 * np.diff(x)))
+    assert t_cdf(3.0, df) == pytest.approx(0.5 + integral, abs=1e-8)
+    assert t_cdf(-3.0, df) == pytest.approx(0.5 - integral, abs=1e-8)
+
+
+def test_describe_and_welch_by_hand():
+    mean, std, ci = describe([0.1, 0.2, 0.6])
+    assert mean == pytest.approx(0.3)
+    assert std == pytest.approx(math.sqrt(0.07))
+    assert ci == pytest.approx(4.303 * math.sqrt(0.07) / math.sqrt(3), rel=1e-4)
+    assert describe([1.0]) == (1.0, None, None)
+    assert describe([]) == (None, None, None)
+
+    a, b = [1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0]
+    res = welch_test(a, b)  # equal variances 2.5, n 5: t = -5 / 1, df = 8
+    assert res.diff == pytest.approx(-5.0) and res.t == pytest.approx(-5.0) and res.df == pytest.approx(8.0)
+    assert res.p == pytest.approx(2 * (1 - t_cdf(5.0, 8.0)), rel=1e-9)
+    assert res.p == pytest.approx(0.001053, abs=2e-6)
+    assert welch_test([1.0], [2.0, 3.0]).p is None
+    assert welch_test([1.0, 1.0], [1.0, 1.0]).p is None
+
+
+def test_ema():
+    assert ema(np.full(5, 3.0), 0.9) == pytest.approx(np.full(5, 3.0))
+    assert ema(np.array([1.0, 3.0]), 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])
+    assert ema(np.array([1.0, np.nan, 2.0]), 0.0).tolist()[::2] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="smoothing"):
+        ema(np.ones(2), 1.0)
+
+
+def test_run_stats(tmp_path):
+    run = make_run(tmp_path, "r", steps=4, change=0.4, eval_every=2)
+    st = run_stats(read_metrics(run))
+    assert st["entropy_start"] == pytest.approx(2.0) and st["entropy_end"] == pytest.approx(2.4)
+    assert st["entropy_change"] == pytest.approx(0.4)
+    assert st["clip_low"] == pytest.approx(0.015) and st["clip_high"] == pytest.approx(0.03)
+    assert st["reward_final"] == pytest.approx(0.4)
+    assert (st["passk_best"], st["passk_best_step"], st["passk_k"]) == pytest.approx((0.4, 4, 4))
+    assert st["clip_dual"] is None and st["effect_dual"] is None
+
+
+# --- plots and reports ---------------------------------------------------------------------------------
+
+
+def test_plot_runs_overlays_and_skips_missing_panels(tmp_path):
+    a = make_run(tmp_path, "a", eval_every=2)
+    b = make_run(tmp_path, "b", eps_low=0.05, change=0.6, ratio=False)
+    paths = plot_runs([a, b], tmp_path / "plots", smooth=0.5)
+    assert sorted(p.name for p in paths) == [
+        "attribution.png",
+        "clip_fractions.png",
+        "entropy.png",
+        "pass_at_k.png",
+        "ratio.png",
+        "reward.png",
+    ]
+    for path in paths:
+        assert_png(path)
+    only_b = plot_runs([b], tmp_path / "plots_b")
+    assert {p.name for p in only_b} == {"attribution.png", "clip_fractions.png", "entropy.png", "reward.png"}
+    assert sorted(p.name for p in (tmp_path / "plots_b").iterdir()) == sorted(p.name for p in only_b)
+
+
+def test_write_report_mentions_runs_and_embeds_plots(tmp_path):
+    a = make_run(tmp_path, "standard", eval_every=3)
+    b = make_run(tmp_path, "clip_high_only", eps_low=None, change=-0.3)
+    out = tmp_path / "report"
+    path = write_report([a, b], out, title="Two runs")
+    text = path.read_text()
+    assert path == out / "report.md" and text.startswith("# Two runs")
+    assert "| standard | clip_high_only |" in text
+    assert "`../standard`" in text and "| eps_low | 0.2 | off |" in text
+    assert "| probe entropy, start → end (nats) | 2 → 2.3 | 2 → 1.7 |" in text
+    assert "| best pass@k | 0.6 (step 6, k=4) | n/a |" in text
+    assert "mean clip_dual" not in text and "| mean clip_low | 0.015 | 0.015 |" in text
+    embedded = [line.rsplit("](", 1)[1][:-1] for line in text.splitlines() if line.startswith("![")]
+    assert "plots/entropy.png" in embedded and len(embedded) == 6
+    for rel in embedded:
+        assert_png(out / rel)
+    assert "pre-update (sampling) policy" in text and "full vocabulary" in text and "T = 1" in text
+    assert "same fixed probe prompts and continuations" in text
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def make_study(root: Path) -> dict[str, list[Path]]:
+    changes = {
+        "clip-high only": [-0.1, -0.2, -0.6],
+        "standard": [0.1, 0.2, 0.6],
+        "clip-low": [0.5, 0.55, 0.6],
+    }
+    bounds = {"clip-high only": (None, 0.2), "standard": (0.2, 0.2), "clip-low": (0.05, 0.2)}
+    return {
+        label: [
+            make_run(
+                root,
+                f"{label}/s{seed}",
+                eps_low=bounds[label][0],
+                eps_high=bounds[label][1],
+                seed=seed,
+                change=c,
+            )
+            for seed, c in enumerate(cs)
+        ]
+        for label, cs in changes.items()
+    }
+
+
+def test_summarize_study_by_hand(tmp_path):
+    groups = make_study(tmp_path)
+    summary = summarize_study(groups, baseline="standard")
+    by = {e["label"]: e for e in summary}
+    std = by["standard"]
+    assert (std["eps_low"], std["eps_high"], std["n_seeds"], std["seeds"]) == (0.2, 0.2, 3, [0, 1, 2])
+    assert by["clip-high only"]["eps_low"] is None
+    assert std["entropy_start"] == pytest.approx(2.0) and std["entropy_start_std"] == pytest.approx(0.0)
+    assert std["entropy_end"] == pytest.approx(2.3) and std["entropy_change"] == pytest.approx(0.3)
+    assert std["entropy_change_std"] == pytest.approx(math.sqrt(0.07))
+    assert std["entropy_change_ci95"] == pytest.approx(4.303 * math.sqrt(0.07 / 3), rel=1e-4)
+    assert std["clip_low"] == pytest.approx(0.015) and std["effect_high"] == pytest.approx(-0.25)
+    assert std["entropy_change_p"] is None
+    expected = welch_test([-0.1, -0.2, -0.6], [0.1, 0.2, 0.6]).p
+    assert by["clip-high only"]["entropy_change_p"] == pytest.approx(expected)
+    assert compare_settings(groups["clip-high only"], groups["standard"]).p == pytest.approx(expected)
+    assert 0 < expected < 0.1
+
+
+def test_study_rejects_mixed_bounds_and_unknown_baseline(tmp_path):
+    groups = {"mixed": [make_run(tmp_path, "a"), make_run(tmp_path, "b", eps_low=0.1)]}
+    with pytest.raises(ValueError, match="'mixed' mixes clip bounds"):
+        summarize_study(groups)
+    with pytest.raises(ValueError, match="baseline 'x'"):
+        summarize_study({"one": [tmp_path / "a"]}, baseline="x")
+
+
+def test_study_report_and_plots(tmp_path):
+    groups = make_study(tmp_path / "runs")
+    out = tmp_path / "study"
+    paths = plot_study(groups, out / "alt", smooth=0.3)
+    assert sorted(p.name for p in paths) == ["clip_fractions.png", "probe_entropy.png"]
+    report = write_study_report(groups, out, title="Clip study", baseline="standard")
+    text = report.read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(summarize_study(groups, baseline="standard")))
+    assert summary[0]["eps_low"] is None
+    assert "| seeds | entropy start | entropy end | entropy change | p vs standard | clip-low |" in text
+    ci = 4.303 * math.sqrt(0.07 / 3)
+    assert f"| standard | 0.2 | 0.2 | 3 | 2 ± 0 | 2.3 ± {ci:.2g} | 0.3 ± {ci:.2g} | baseline |" in text
+    assert "| clip-high only | off | 0.2 | 3 |" in text
+    for rel in ("plots/probe_entropy.png", "plots/clip_fractions.png"):
+        assert f"]({rel})" in text
+        assert_png(out / rel)
