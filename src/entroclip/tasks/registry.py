@@ -1,0 +1,111 @@
+"""Name -> factory registries with import-path resolution, and the task registry."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+from entroclip.tasks.base import Task
+
+T = TypeVar("T")
+
+
+def import_object(path: str) -> Any:
+    """The object named by ``"package.module:attribute"``."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"import path must look like 'package.module:attribute', got {path!r}")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r} (import path {path!r})") from None
+
+
+def check_options(
+    fn: Callable[..., Any], options: Mapping[str, Any], what: str, *, partial: bool = False
+) -> None:
+    """Raise a ValueError listing the accepted options when ``fn`` cannot take ``options`` as keywords.
+
+    With ``partial=True`` only unknown names are errors (required arguments may be supplied later).
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        (signature.bind_partial if partial else signature.bind)(**options)
+    except TypeError as e:
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        accepted = [p.name for p in signature.parameters.values() if p.kind in kinds]
+        raise ValueError(
+            f"invalid options for {what}: {e}; accepted options: {', '.join(accepted) or 'none'}"
+        ) from None
+
+
+class Registry(Generic[T]):
+    """Factories by name. Entries may be import paths, imported on first use (optional dependencies load
+    only when asked for); a name containing ``":"`` that is not registered is imported directly."""
+
+    def __init__(self, kind: str, builtins: Mapping[str, str | Callable[..., T]]) -> None:
+        self.kind = kind
+        self._entries: dict[str, str | Callable[..., T]] = dict(builtins)
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def register(self, name: str, factory: Callable[..., T]) -> None:
+        if not name or ":" in name:
+            raise ValueError(f"{self.kind} name must be non-empty and contain no ':', got {name!r}")
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = factory
+
+    def resolve(self, name: str) -> Any:
+        """The registered factory, or the object an unregistered ``"module:attr"`` name points to."""
+        entry = self._entries.get(name)
+        if entry is None:
+            if ":" not in name:
+                raise ValueError(
+                    f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}, "
+                    "or an import path 'package.module:attribute'"
+                )
+            entry = name
+        return import_object(entry) if isinstance(entry, str) else entry
+
+
+TASKS: Registry[Task] = Registry(
+    "task",
+    {
+        "addition": "entroclip.tasks.procedural:AdditionTask",
+        "multiplication": "entroclip.tasks.procedural:MultiplicationTask",
+        "reverse": "entroclip.tasks.procedural:ReverseTask",
+        "jsonl": "entroclip.tasks.local:JsonlTask",
+        "reasoning_gym": "entroclip.tasks.rgym:ReasoningGymTask",
+    },
+)
+
+
+def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
+    """Decorator registering a Task class (or factory) under ``name`` for :func:`make_task`."""
+
+    def decorate(factory: Callable[..., Task]) -> Callable[..., Task]:
+        TASKS.register(name, factory)
+        return factory
+
+    return decorate
+
+
+def make_task(name: str, **options: Any) -> Task:
+    """Build a task by registered name or ``"package.module:Factory"`` path, with keyword options."""
+    factory = TASKS.resolve(name)
+    check_options(factory, options, f"task {name!r}")
+    task = factory(**options)
+    if not isinstance(task, Task):
+        raise TypeError(f"task {name!r} built a {type(task).__name__}, not an entroclip.tasks.Task")
+    return task
