@@ -24,6 +24,7 @@ BAD = [
     ({"run": {"sed": 1}}, "run.sed: unknown key"),
     ({"lossy": {}}, "lossy: unknown key"),
     ({"advantage": {"kind": "ppo"}}, "advantage.kind"),
+    ({"advantage": {"kind": "gae", "lam": 2}}, "advantage.lam"),
     ({"reward": {"timeout_s": 0}}, "reward.timeout_s"),
 ]
 

@@ -53,10 +53,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def without_shared(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Drop tensors that share memory with an earlier one (tied weights); returns (kept, dropped names)."""
+    kept, dropped, seen = {}, [], set()
+    for name, tensor in weights.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            dropped.append(name)
+            continue
+        seen.add(key)
+        kept[name] = tensor
+    return kept, dropped
+
+
 def save_checkpoint(
     run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], fingerprint: str
 ) -> Path:
-    """Write checkpoint ``step`` atomically and return its folder; older checkpoints are kept."""
+    """Write checkpoint ``step`` atomically and return its folder; older checkpoints are kept.
+
+    Tied weights are stored once; ``state["tied_weights"]`` lists the names left out.
+    """
+    weights, tied = without_shared(weights)
+    state = {**state, "tied_weights": tied}
     root = run_dir / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"

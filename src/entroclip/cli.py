@@ -41,7 +41,8 @@ def train(
     """Train a policy with the clipped objective and log entropy diagnostics to a run folder."""
     from entroclip.checkpoint import CheckpointError
     from entroclip.config import ConfigError, load_config
-    from entroclip.trainer import CONFIG_FILE, Trainer, TrainingStopped, prepare_run_dir
+    from entroclip.runio import CONFIG_FILE
+    from entroclip.trainer import Trainer, TrainingStopped
 
     overrides = list(set_ or [])
     if resume is not None:
@@ -57,8 +58,7 @@ def train(
         overrides.append(f"run.out_dir={out}")
     try:
         cfg = load_config(config, overrides)
-        prepare_run_dir(Path(cfg.run.out_dir), resume=resume is not None, overwrite=overwrite)
-        trainer = Trainer(cfg, resume=resume is not None, console=console)
+        trainer = Trainer(cfg, resume=resume is not None, overwrite=overwrite, console=console)
         run_dir = trainer.train(show_progress=progress)
     except (ConfigError, CheckpointError) as err:
         raise fail(str(err)) from None

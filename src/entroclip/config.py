@@ -76,8 +76,15 @@ class RolloutConfig(Section):
 class AdvantageConfig(Section):
     """How rewards become advantages."""
 
-    kind: Literal["grpo", "drgrpo", "rloo"] = Field(
-        "grpo", description="grpo: group mean/std; drgrpo: group mean; rloo: leave-one-out"
+    kind: Literal["grpo", "drgrpo", "rloo", "gae"] = Field(
+        "grpo",
+        description="grpo: group mean/std; drgrpo: group mean; rloo: leave-one-out; gae: PPO + value head",
+    )
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (gae)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (gae)")
+    value_coef: float = Field(0.5, ge=0, description="value-loss weight (gae)")
+    value_clip: float = Field(
+        0.2, gt=0, description="value clipping range around the rollout-time value (gae)"
     )
 
 

@@ -100,8 +100,9 @@ def sample(
     return Rollout(out.sequences, attention, prompt_len, mask, logp, texts)
 
 
-def response_logits(model: PreTrainedModel, rollout: Rollout, temperature: float) -> Tensor:
-    """Logits / temperature that predict each response token, ``[B, T, V]`` (model dtype)."""
+def _response_forward(
+    model: PreTrainedModel, rollout: Rollout, temperature: float, hidden: bool
+) -> tuple[Tensor, Tensor | None]:
     positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
     t = rollout.response_mask.shape[1]
     out = model(
@@ -110,9 +111,27 @@ def response_logits(model: PreTrainedModel, rollout: Rollout, temperature: float
         position_ids=positions,
         logits_to_keep=t + 1,
         use_cache=False,
+        output_hidden_states=hidden,
     )
     logits = out.logits[:, :-1]
-    return logits / temperature if temperature != 1.0 else logits
+    if temperature != 1.0:
+        logits = logits / temperature
+    states = out.hidden_states[-1][:, -(t + 1) : -1] if hidden else None
+    return logits, states
+
+
+def response_logits(model: PreTrainedModel, rollout: Rollout, temperature: float) -> Tensor:
+    """Logits / temperature that predict each response token, ``[B, T, V]`` (model dtype)."""
+    return _response_forward(model, rollout, temperature, hidden=False)[0]
+
+
+def response_logits_and_hidden(
+    model: PreTrainedModel, rollout: Rollout, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """``response_logits`` and the final hidden states at those positions, ``[B, T, H]`` (value head)."""
+    logits, states = _response_forward(model, rollout, temperature, hidden=True)
+    assert states is not None
+    return logits, states
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:

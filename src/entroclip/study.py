@@ -1,0 +1,95 @@
+"""Run a grid of settings x seeds, in parallel processes, with one live progress bar per run."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from entroclip.config import Config, apply_overrides, parse_config
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of a study: a label and ``section.field=value`` overrides of the base config."""
+
+    label: str
+    overrides: tuple[str, ...]
+
+
+def _run_one(config: dict[str, Any], run_key: str, updates: Any) -> str:
+    from entroclip.trainer import Trainer
+
+    cfg = parse_config(config)
+    trainer = Trainer(cfg, overwrite=True, console=Console(stderr=True, quiet=True))
+    trainer.train(show_progress=False, on_step=lambda step, _m: updates.put((run_key, step)))
+    return cfg.run.out_dir
+
+
+def plan_runs(
+    base: Config, settings: Sequence[Setting], seeds: Sequence[int], out_dir: Path
+) -> dict[str, list[Config]]:
+    """Validated configs for every (setting, seed), each writing to ``out_dir/<label>/seed<k>``."""
+    plan: dict[str, list[Config]] = {}
+    for setting in settings:
+        plan[setting.label] = []
+        for seed in seeds:
+            data = base.model_dump(mode="json")
+            run_dir = out_dir / setting.label / f"seed{seed}"
+            apply_overrides(data, [*setting.overrides, f"run.seed={seed}", f"run.out_dir={run_dir}"])
+            plan[setting.label].append(parse_config(data))
+    return plan
+
+
+def run_study(
+    plan: Mapping[str, Sequence[Config]], workers: int = 2, console: Console | None = None
+) -> dict[str, list[Path]]:
+    """Train every planned run, ``workers`` at a time; returns label -> run folders."""
+    console = console or Console(stderr=True)
+    jobs = [(label, cfg) for label, cfgs in plan.items() for cfg in cfgs]
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        updates = manager.Queue()
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        with progress:
+            bars, futures = {}, []
+            for label, cfg in jobs:
+                key = f"{label}/seed{cfg.run.seed}"
+                bars[key] = progress.add_task(key, total=cfg.run.steps)
+                futures.append(pool.submit(_run_one, cfg.model_dump(mode="json"), key, updates))
+            while not all(f.done() for f in futures):
+                _drain(updates, progress, bars, timeout=0.2)
+            _drain(updates, progress, bars, timeout=0.0)
+    _raise_first_error(futures)
+    return {label: [Path(cfg.run.out_dir) for cfg in cfgs] for label, cfgs in plan.items()}
+
+
+def _drain(updates: Any, progress: Progress, bars: dict[str, Any], timeout: float) -> None:
+    try:
+        key, step = updates.get(timeout=timeout) if timeout else updates.get_nowait()
+        progress.update(bars[key], completed=step)
+        while True:
+            key, step = updates.get_nowait()
+            progress.update(bars[key], completed=step)
+    except queue.Empty:
+        return
+
+
+def _raise_first_error(futures: list[Future[str]]) -> None:
+    for future in futures:
+        error = future.exception()
+        if error is not None:
+            raise error

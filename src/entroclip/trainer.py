@@ -1,0 +1,531 @@
+"""The RLVR loop: rollout -> reward -> advantage -> mu epochs of minibatch updates -> metrics -> checkpoint.
+
+The loop knows nothing about any particular task or model. Every random choice is seeded from
+``(run.seed, step, stream)``, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+
+from entroclip.advantages import gae, group_advantages, masked_whiten
+from entroclip.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from entroclip.config import Config, ConfigError, dump_config
+from entroclip.entropy import token_entropy
+from entroclip.logging import MetricsLogger
+from entroclip.objectives import kl_penalty
+from entroclip.policy.builtin import save_builtin
+from entroclip.policy.loading import format_prompts, load_policy, resolve_gguf
+from entroclip.policy.sampling import (
+    Rollout,
+    response_logits,
+    response_logits_and_hidden,
+    sample,
+    token_logprobs,
+)
+from entroclip.rewards import make_reward, score_batch
+from entroclip.runio import CONFIG_FILE, atomic_write_text
+from entroclip.tasks import Example, Task, make_task
+from entroclip.update import UpdateBatch, UpdateSettings, run_update
+from entroclip.value import ValueHead, terminal_rewards
+
+T = TypeVar("T")
+STREAMS = {"data": 0, "sample": 1, "reward": 2, "shuffle": 3, "probe": 4, "eval": 5}
+PROBE_FILE = "probe.safetensors"
+VALUE_PREFIX = "value_head."
+#: config sections that must not change when a run is resumed
+FINGERPRINT_SECTIONS = (
+    "model",
+    "task",
+    "reward",
+    "rollout",
+    "advantage",
+    "loss",
+    "optim",
+    "control",
+    "diagnostics",
+)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (e.g. too many consecutive non-finite steps); a checkpoint was written."""
+
+
+def derive_seed(seed: int, step: int, stream: str) -> int:
+    """An independent 63-bit seed for each (run seed, step, stream)."""
+    return int(np.random.SeedSequence([seed, step, STREAMS[stream]]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def config_fingerprint(config: Config) -> str:
+    """A short hash of the config fields that must not change across a resume."""
+    data = config.model_dump(mode="json")
+    kept = {k: data[k] for k in FINGERPRINT_SECTIONS} | {"seed": data["run"]["seed"]}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create (or re-open) a run folder; refuse to clobber an existing one without --overwrite/--resume."""
+    if run_dir.exists() and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"run.out_dir already exists: {run_dir} (use --resume to continue or --overwrite)"
+            )
+        shutil.rmtree(run_dir)
+    if resume and not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run.out_dir is not writable: {run_dir} ({err.strerror})") from None
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((values * mask).sum() / mask.sum().clamp(min=1))
+
+
+class Trainer:
+    """Owns the policy, optimizer, data streams and run folder of one RL run."""
+
+    def __init__(
+        self, config: Config, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+    ) -> None:
+        """Validate everything that can be checked without training, then create (or re-open) the run
+        folder: a config that cannot run never leaves a folder behind."""
+        self.config = config
+        self.console = console or Console(stderr=True)
+        self.run_dir = Path(config.run.out_dir)
+        torch.set_num_threads(config.run.threads)
+        self.task: Task = _configured("task", lambda: make_task(config.task.name, **config.task.options))
+        self.reward_fn = _configured(
+            "reward", lambda: make_reward(config.reward.name, **config.reward.options)
+        )
+        self.eval_reward_fn = _configured("eval.reward", lambda: make_reward(config.eval.reward))
+        self._check_model_source()
+        prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+        self.fingerprint = config_fingerprint(config)
+        self.model, self.tokenizer = self._load_initial_policy()
+        self.ref_model = self._frozen_copy(self.model) if config.loss.kl.coef > 0 else None
+        self.value_head = ValueHead(self.model.config.hidden_size) if config.advantage.kind == "gae" else None
+        self.optimizer = torch.optim.AdamW(
+            self._trainable_parameters(self.model, self.value_head),
+            lr=config.optim.lr,
+            betas=config.optim.betas,
+            weight_decay=config.optim.weight_decay,
+            fused=True,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.step = 0
+        self.consecutive_skips = 0
+        self.skipped_total = 0
+        if resume:
+            self._restore()
+        self.probe = self._load_or_make_probe()
+        self._probe_cache: float | None = None
+        if config.on_policy:
+            self.console.print(
+                "[yellow]warning:[/] optim.epochs=1 and optim.minibatches=1: every update is on-policy "
+                "(ratio = 1), so clipping never acts and clip-based entropy control does nothing."
+            )
+
+    # ----- set-up -------------------------------------------------------------------------------------
+    def _check_model_source(self) -> None:
+        m = self.config.model
+        if m.path is not None and not (Path(m.path) / "config.json").is_file():
+            raise ConfigError(f"model.path is not a Hugging Face model folder (no config.json): {m.path}")
+        if m.gguf_file is not None:
+            try:
+                resolve_gguf(m.gguf_file)
+            except FileNotFoundError as err:
+                raise ConfigError(str(err)) from None
+        if m.builtin is not None and self.task.alphabet is None:
+            raise ConfigError(
+                f"model.builtin needs a task with a fixed alphabet; task.name={self.config.task.name!r}"
+            )
+
+    def _load_initial_policy(self) -> tuple[PreTrainedModel, Any]:
+        m = self.config.model
+        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+        if m.builtin is not None:
+            folder = self.run_dir / "init_model"
+            if not (folder / "config.json").is_file():
+                save_builtin(m.builtin, self.task.alphabet or "", self.config.run.seed, folder)
+            return load_policy(folder, dtype=dtype)
+        return load_policy(m.path, m.gguf_file, dtype=dtype)
+
+    @staticmethod
+    def _trainable_parameters(
+        model: PreTrainedModel, value_head: ValueHead | None
+    ) -> list[torch.nn.Parameter]:
+        return [*model.parameters(), *(value_head.parameters() if value_head is not None else [])]
+
+    @staticmethod
+    def _frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+        ref = copy.deepcopy(model).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def _lr_factor(self, optimizer_step: int) -> float:
+        o = self.config.optim
+        total = max(self.config.run.steps * o.epochs * o.minibatches, 1)
+        if optimizer_step < o.warmup_steps:
+            return (optimizer_step + 1) / o.warmup_steps
+        progress = min((optimizer_step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
+        if o.schedule == "linear":
+            return 1.0 - progress
+        if o.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "consecutive_skips": self.consecutive_skips,
+            "skipped_total": self.skipped_total,
+        }
+
+    def save(self) -> Path:
+        weights = dict(self.model.state_dict())
+        if self.value_head is not None:
+            weights.update({VALUE_PREFIX + k: v for k, v in self.value_head.state_dict().items()})
+        return save_checkpoint(self.run_dir, self.step, weights, self._state(), self.fingerprint)
+
+    def _restore(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir, self.fingerprint)
+        if ckpt is None:
+            return
+        model_weights = {k: v for k, v in ckpt.weights.items() if not k.startswith(VALUE_PREFIX)}
+        result = self.model.load_state_dict(model_weights, strict=False)
+        if result.unexpected_keys or set(result.missing_keys) - set(ckpt.state["tied_weights"]):
+            raise CheckpointError(
+                f"{ckpt.path}: weights do not fit the model (missing {result.missing_keys}, "
+                f"unexpected {result.unexpected_keys})"
+            )
+        if self.value_head is not None:
+            head = {
+                k.removeprefix(VALUE_PREFIX): v for k, v in ckpt.weights.items() if k.startswith(VALUE_PREFIX)
+            }
+            self.value_head.load_state_dict(head)
+        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+        self.scheduler.load_state_dict(ckpt.state["scheduler"])
+        self.step = ckpt.state["step"]
+        self.consecutive_skips = ckpt.state["consecutive_skips"]
+        self.skipped_total = ckpt.state["skipped_total"]
+        self.console.print(f"resumed from {ckpt.path} (step {self.step})")
+
+    # ----- data -------------------------------------------------------------------------------------
+    def _prompts(self, examples: list[Example], repeats: int) -> list[str]:
+        formatted = format_prompts(
+            self.tokenizer, [e.prompt for e in examples], self.config.model.chat_template
+        )
+        return [p for p in formatted for _ in range(repeats)]
+
+    def _sample(
+        self, examples: list[Example], repeats: int, seed: int, model: PreTrainedModel | None = None
+    ) -> Rollout:
+        r = self.config.rollout
+        return sample(
+            model or self.model,
+            self.tokenizer,
+            self._prompts(examples, repeats),
+            r.max_new_tokens,
+            r.temperature,
+            r.top_p,
+            seed=seed,
+        )
+
+    def _load_or_make_probe(self) -> Rollout | None:
+        """The fixed probe set: prompts with continuations sampled once from the initial policy."""
+        d = self.config.diagnostics
+        if d.probe_prompts == 0:
+            return None
+        path = self.run_dir / PROBE_FILE
+        if path.is_file():
+            t = load_file(str(path))
+            mask = t["response_mask"].bool()
+            return Rollout(t["input_ids"], t["attention_mask"], int(t["prompt_len"]), mask, t["logp"], [])
+        seed = derive_seed(self.config.run.seed, 0, "probe")
+        examples = self.task.eval_examples(d.probe_prompts, seed=seed)
+        probe = self._sample(examples, d.probe_samples, seed)
+        tensors = {
+            "input_ids": probe.input_ids,
+            "attention_mask": probe.attention_mask,
+            "response_mask": probe.response_mask.to(torch.uint8),
+            "logp": probe.sampler_logp,
+            "prompt_len": torch.tensor(probe.prompt_len),
+        }
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+        return probe
+
+    @torch.no_grad()
+    def probe_entropy(self, model: PreTrainedModel | None = None) -> float:
+        """Mean exact entropy (nats, full vocabulary, sampling temperature) over the probe tokens."""
+        assert self.probe is not None
+        model = model or self.model
+        logits = response_logits(model, self.probe, self.config.rollout.temperature)
+        return _masked_mean(token_entropy(logits), self.probe.response_mask)
+
+    # ----- one step ---------------------------------------------------------------------------------
+    def collect(self, step: int) -> tuple[UpdateBatch, dict[str, float]]:
+        """Rollout, rewards, old/reference log-probs and advantages for ``step``."""
+        c, seed = self.config, self.config.run.seed
+        t0 = time.perf_counter()
+        examples = self.task.examples(c.task.prompts_per_step, seed=derive_seed(seed, step, "data"))
+        rollout = self._sample(examples, c.rollout.group_size, derive_seed(seed, step, "sample"))
+        t1 = time.perf_counter()
+        repeated = [e for e in examples for _ in range(c.rollout.group_size)]
+        scored = score_batch(
+            self.reward_fn,
+            rollout.texts,
+            repeated,
+            timeout_s=c.reward.timeout_s,
+            seed=derive_seed(seed, step, "reward"),
+        )
+        rewards = scored.rewards
+        t2 = time.perf_counter()
+        mask = rollout.response_mask
+        metrics: dict[str, float] = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+            "reward/errors": float(scored.errors),
+            "response/length_mean": float(mask.sum(-1).float().mean()),
+        }
+        with torch.no_grad():
+            old_values = None
+            if self.value_head is None:
+                logits = response_logits(self.model, rollout, c.rollout.temperature)
+            else:
+                logits, hidden = response_logits_and_hidden(self.model, rollout, c.rollout.temperature)
+                old_values = self.value_head(hidden)
+                metrics["value/mean"] = _masked_mean(old_values, mask)
+            logp_old = token_logprobs(logits, rollout.responses)
+            metrics["entropy/rollout"] = _masked_mean(token_entropy(logits), mask)
+            del logits
+            logp_ref, kl_penalty_tokens = None, torch.zeros_like(logp_old)
+            if self.ref_model is not None:
+                ref_logits = response_logits(self.ref_model, rollout, c.rollout.temperature)
+                logp_ref = token_logprobs(ref_logits, rollout.responses)
+                kl = kl_penalty(logp_old, logp_ref, c.loss.kl.kind)
+                metrics["kl/ref"] = _masked_mean(kl, mask)
+                if c.loss.kl.in_reward:
+                    kl_penalty_tokens = c.loss.kl.coef * kl * mask
+        ref_for_loss = logp_ref if not c.loss.kl.in_reward else None
+        metrics["time/rollout_s"] = t1 - t0
+        metrics["time/reward_s"] = t2 - t1
+        if old_values is None:
+            rewards = rewards - kl_penalty_tokens.sum(-1)
+            advantages = group_advantages(rewards, c.rollout.group_size, c.advantage.kind)
+            return UpdateBatch(rollout, advantages, logp_old, ref_for_loss), metrics
+        token_rewards = terminal_rewards(rewards, mask) - kl_penalty_tokens
+        advantages, returns = gae(token_rewards, old_values, mask, c.advantage.gamma, c.advantage.lam)
+        advantages = masked_whiten(advantages, mask)
+        return UpdateBatch(rollout, advantages, logp_old, ref_for_loss, old_values, returns), metrics
+
+    def update_settings(self) -> UpdateSettings:
+        c = self.config
+        return UpdateSettings(
+            eps_low=c.loss.eps_low,
+            eps_high=c.loss.eps_high,
+            dual_clip=c.loss.dual_clip,
+            agg=c.loss.agg,
+            max_len=c.loss.max_len or c.rollout.max_new_tokens,
+            temperature=c.rollout.temperature,
+            epochs=c.optim.epochs,
+            minibatches=c.optim.minibatches,
+            grad_clip=c.optim.grad_clip,
+            entropy_coef=c.loss.entropy_coef,
+            kl_coef=c.loss.kl.coef if not c.loss.kl.in_reward else 0.0,
+            kl_kind=c.loss.kl.kind,
+            attribution=c.diagnostics.attribution,
+            value_coef=c.advantage.value_coef,
+            value_clip=c.advantage.value_clip,
+        )
+
+    def counterfactual(
+        self, batch: UpdateBatch, settings: UpdateSettings, shuffle_seed: int
+    ) -> dict[str, float]:
+        """Probe entropy after the same update taken without clip-low and without clip-high, on copies."""
+        out = {}
+        for name, variant in (
+            ("no_low", replace(settings, eps_low=None)),
+            ("no_high", replace(settings, eps_high=None)),
+        ):
+            model, head = copy.deepcopy(self.model), copy.deepcopy(self.value_head)
+            optimizer = torch.optim.AdamW(self._trainable_parameters(model, head))
+            optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+            scheduler.load_state_dict(self.scheduler.state_dict())
+            run_update(
+                model, optimizer, scheduler, batch, replace(variant, attribution=False), shuffle_seed, 0, head
+            )
+            out[name] = self.probe_entropy(model)
+        return out
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One full RL step; returns its metrics."""
+        c = self.config
+        t0 = time.perf_counter()
+        batch, metrics = self.collect(step)
+        settings = self.update_settings()
+        shuffle_seed = derive_seed(c.run.seed, step, "shuffle")
+        probe_before = None
+        if self.probe is not None:
+            probe_before = self._probe_cache if self._probe_cache is not None else self.probe_entropy()
+        cf_due = c.diagnostics.counterfactual_every and step % c.diagnostics.counterfactual_every == 0
+        counterfactual = self.counterfactual(batch, settings, shuffle_seed) if cf_due and self.probe else None
+        t1 = time.perf_counter()
+        stats, self.consecutive_skips = run_update(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            batch,
+            settings,
+            shuffle_seed,
+            self.consecutive_skips,
+            self.value_head,
+        )
+        self.skipped_total += stats.skipped_steps
+        t2 = time.perf_counter()
+        metrics.update(stats.metrics())
+        metrics["train/skipped_steps"] = float(self.skipped_total)
+        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        if c.loss.eps_low is not None:
+            metrics["control/eps_low"] = c.loss.eps_low
+        if c.loss.eps_high is not None:
+            metrics["control/eps_high"] = c.loss.eps_high
+        if probe_before is not None:
+            probe_after = self.probe_entropy()
+            self._probe_cache = probe_after
+            metrics["entropy/probe_before"] = probe_before
+            metrics["entropy/probe_after"] = probe_after
+            metrics["entropy/probe_delta"] = probe_after - probe_before
+            if counterfactual is not None:
+                metrics["entropy/cf_effect_low"] = probe_after - counterfactual["no_low"]
+                metrics["entropy/cf_effect_high"] = probe_after - counterfactual["no_high"]
+        if c.eval.every and step % c.eval.every == 0:
+            metrics.update(self.evaluate(step))
+        t3 = time.perf_counter()
+        metrics["time/update_s"] = t2 - t1
+        metrics["time/step_s"] = t3 - t0
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict[str, float]:
+        """pass@1 and unbiased pass@k on held-out prompts; correct means eval reward > 0.5."""
+        e, seed = self.config.eval, self.config.run.seed
+        examples = self.task.eval_examples(e.prompts, seed=derive_seed(seed, 0, "eval"))
+        rollout = self._sample(examples, e.k, derive_seed(seed, step, "eval"))
+        repeated = [x for x in examples for _ in range(e.k)]
+        scored = score_batch(
+            self.eval_reward_fn, rollout.texts, repeated, timeout_s=self.config.reward.timeout_s, seed=seed
+        )
+        correct = (scored.rewards > 0.5).reshape(len(examples), e.k).sum(-1).tolist()
+        return {
+            "eval/pass@1": float(np.mean([pass_at_k(e.k, c, 1) for c in correct])),
+            "eval/pass@k": float(np.mean([pass_at_k(e.k, c, e.k) for c in correct])),
+            "eval/k": float(e.k),
+        }
+
+    # ----- the loop ---------------------------------------------------------------------------------
+    def train(
+        self, show_progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None
+    ) -> Path:
+        """Run from the current step to ``run.steps``; returns the run folder. ``on_step(step, metrics)`` is
+        called after each step is logged."""
+        c = self.config
+        atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(c))
+        logger = MetricsLogger(
+            self.run_dir,
+            resume_step=self.step,
+            tensorboard=c.run.tensorboard,
+            wandb_project=c.run.wandb_project,
+            config=c.model_dump(mode="json"),
+        )
+        progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            disable=not show_progress,
+        )
+        try:
+            with progress:
+                bar = progress.add_task(self.run_dir.name, total=c.run.steps, completed=self.step, info="")
+                while self.step < c.run.steps:
+                    step = self.step + 1
+                    metrics = self.train_step(step)
+                    self.step = step
+                    logger.log(step, metrics)
+                    progress.update(bar, completed=step, info=_progress_info(metrics))
+                    if on_step is not None:
+                        on_step(step, metrics)
+                    if self.consecutive_skips >= c.optim.max_skipped_steps:
+                        path = self.save()
+                        raise TrainingStopped(
+                            f"{self.consecutive_skips} consecutive optimizer steps had a non-finite loss or "
+                            f"gradient (optim.max_skipped_steps={c.optim.max_skipped_steps}); "
+                            f"last good state saved to {path}"
+                        )
+                    every = c.run.checkpoint_every
+                    if (every and step % every == 0) or step == c.run.steps:
+                        self.save()
+        finally:
+            logger.close()
+        return self.run_dir
+
+
+def _configured(section: str, build: Callable[[], T]) -> T:
+    """``build()``, with its ValueError turned into a ConfigError that names the config section."""
+    try:
+        return build()
+    except ValueError as err:
+        raise ConfigError(f"{section}: {err}") from None
+
+
+def _progress_info(m: dict[str, float]) -> str:
+    parts = [f"H={m['entropy/rollout']:.3f}", f"R={m['reward/mean']:.2f}"]
+    parts.append(f"low={m['clip_ratio/low_mean']:.3f} high={m['clip_ratio/high_mean']:.3f}")
+    if "entropy/probe_after" in m:
+        parts.append(f"probe={m['entropy/probe_after']:.3f}")
+    if "eval/pass@1" in m:
+        parts.append(f"pass@1={m['eval/pass@1']:.2f}")
+    return " ".join(parts)
