@@ -127,9 +127,60 @@ class OptimConfig(Section):
 
 
 class ControlConfig(Section):
-    """Entropy control."""
+    """Entropy control (see entroclip.control)."""
 
-    kind: Literal["static"] = Field("static", description="static: fixed clip bounds")
+    kind: Literal["static", "clip_low", "entropy_bonus", "clip_cov", "kl_cov"] = Field(
+        "static",
+        description="static: fixed bounds; clip_low: move eps_low to hold the entropy; entropy_bonus: adapt "
+        "the entropy coefficient; clip_cov / kl_cov: covariance-based token selection (Cui et al. 2025)",
+    )
+    target: float | None = Field(None, gt=0, description="entropy to hold, nats (clip_low, entropy_bonus)")
+    target_ratio: float | None = Field(
+        None, gt=0, description="entropy to hold as a fraction of the rollout entropy at step 1"
+    )
+    release_step: int | None = Field(None, ge=0, description="stop holding the target after this step")
+    smoothing: float = Field(0.0, ge=0, lt=1, description="EMA weight on past entropy measurements")
+    eps_low_ref: float | None = Field(
+        None, ge=0, le=1, description="clip_low: eps_low at zero error (default loss.eps_low)"
+    )
+    eps_low_min: float = Field(0.02, ge=0, le=1, description="clip_low: lower bound of eps_low")
+    eps_low_max: float = Field(0.4, ge=0, le=1, description="clip_low: upper bound of eps_low")
+    kp: float = Field(1.0, ge=0, description="clip_low: proportional gain (eps_low per unit relative error)")
+    ki: float = Field(0.1, ge=0, description="clip_low: integral gain (per step)")
+    coef_init: float = Field(1e-3, gt=0, description="entropy_bonus: initial coefficient")
+    coef_max: float = Field(0.1, gt=0, description="entropy_bonus: largest coefficient")
+    coef_lr: float = Field(
+        0.5, gt=0, description="entropy_bonus: log-coefficient step per unit relative error"
+    )
+    cov_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="clip_cov / kl_cov: fraction of a minibatch's valid tokens selected "
+        "(default 2e-4 for clip_cov, 2e-3 for kl_cov; at least one token)",
+    )
+    cov_lower: float = Field(1.0, description="clip_cov: lower covariance bound of eligible tokens")
+    cov_upper: float = Field(5.0, description="clip_cov: upper covariance bound of eligible tokens")
+    kl_cov_coef: float = Field(1.0, ge=0, description="kl_cov: coefficient of |log r| on selected tokens")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ControlConfig:
+        if self.kind in ("clip_low", "entropy_bonus") and (self.target is None) == (
+            self.target_ratio is None
+        ):
+            raise ValueError(
+                f"control.kind={self.kind!r} needs exactly one of control.target, control.target_ratio"
+            )
+        if self.eps_low_min > self.eps_low_max:
+            raise ValueError(
+                f"control.eps_low_min ({self.eps_low_min}) must be <= "
+                f"control.eps_low_max ({self.eps_low_max})"
+            )
+        if self.coef_init > self.coef_max:
+            raise ValueError(
+                f"control.coef_init ({self.coef_init}) must be <= control.coef_max ({self.coef_max})"
+            )
+        return self
 
 
 class EvalConfig(Section):
@@ -187,6 +238,11 @@ class Config(Section):
                 f"optim.minibatches must be <= task.prompts_per_step * rollout.group_size = {batch}, "
                 f"got {self.optim.minibatches}"
             )
+        if self.control.kind in ("clip_cov", "kl_cov") and self.on_policy:
+            raise ValueError(
+                f"optim.minibatches (or optim.epochs) must be >= 2 for control.kind={self.control.kind!r}: "
+                "with one on-policy step per rollout the ratio stays 1 and the covariance rule cannot act"
+            )
         if self.advantage.kind in ("grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(
                 f"rollout.group_size must be >= 2 for advantage.kind={self.advantage.kind!r}, "
@@ -200,14 +256,28 @@ class Config(Section):
         return self.optim.epochs == 1 and self.optim.minibatches == 1
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the section at ``loc`` (None when ``loc`` is not a section)."""
+    model: Any = Config
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    return list(model.model_fields)
+
+
 def _format_error(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "config"
+        where = ".".join(str(x) for x in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{where}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+            known = _known_keys(e["loc"][:-1])
+            msg = "unknown key" + (f" (known: {', '.join(known)})" if known else "")
+        elif e["type"] != "value_error":  # a model-level check writes its own message with the values
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts)
 
 
@@ -220,7 +290,10 @@ def parse_config(data: dict[str, Any]) -> Config:
 
 
 def _parse_value(text: str) -> Any:
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text  # not YAML: the string itself, which the field's validation then judges
     return text if value is None and text.lower() not in ("null", "none", "~", "") else value
 
 
@@ -252,7 +325,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}

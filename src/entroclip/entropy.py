@@ -104,7 +104,7 @@ def entropy_sensitivity(
     return torch.cat(ents).reshape(shape), torch.cat(kappas).reshape(shape)
 
 
-EFFECT_KEYS = ("effect_low", "effect_high", "effect_dual", "effect_pos", "effect_neg")
+EFFECT_KEYS = ("effect_low", "effect_high", "effect_dual", "effect_cov", "effect_pos", "effect_neg")
 
 
 @torch.no_grad()
@@ -123,8 +123,9 @@ def clip_attribution(
     by eta * w_t * kappa_t. Returned, summed over tokens:
 
     - ``effect_pos`` / ``effect_neg``: the change caused by the unclipped A > 0 / A < 0 tokens;
-    - ``effect_low`` / ``effect_high`` / ``effect_dual``: minus the change the clip-low / clip-high /
-      dual-clip tokens would have caused, i.e. the entropy change that clipping them caused.
+    - ``effect_low`` / ``effect_high`` / ``effect_dual`` / ``effect_cov``: minus the change the clip-low /
+      clip-high / dual-clip / detached (Clip-Cov) tokens would have caused, i.e. the entropy change that
+      removing their gradient caused.
 
     The theory predicts effect_low >= 0 and effect_high <= 0 in expectation. ``effect_pos + effect_neg``
     is the first-order change of the update as taken; every term assumes each token has its own logits
@@ -135,13 +136,14 @@ def clip_attribution(
     log_ratio = (logp_new.detach().float() - logp_old.float()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     ratio = torch.where(mask, log_ratio.exp(), torch.zeros_like(log_ratio))
     contribution = torch.where(mask, adv * ratio * out.token_scale * kappa.float(), torch.zeros_like(ratio))
-    clipped = out.clip_low | out.clip_high | out.dual
-    unclipped = mask & ~clipped
+    removed = out.clip_low | out.clip_high | out.dual | out.detached
+    unclipped = mask & ~removed
     terms = torch.stack(
         [
             -contribution[out.clip_low].sum(),
             -contribution[out.clip_high].sum(),
             -contribution[out.dual].sum(),
+            -contribution[out.detached].sum(),
             contribution[unclipped & (adv > 0)].sum(),
             contribution[unclipped & (adv < 0)].sum(),
         ]

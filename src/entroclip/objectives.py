@@ -35,10 +35,11 @@ LOG_RATIO_LIMIT = 20.0
 class SurrogateOutput:
     """Result of :func:`clipped_surrogate`.
 
-    ``loss`` is the scalar to minimise. The masks are bool ``[batch, response_len]``; ``ratio`` is the
-    detached importance ratio (1 on invalid positions); ``token_scale`` is the per-token factor 1/N of the
-    aggregation mode (0 on invalid positions), so that ``loss == -(A * r * token_scale).sum()`` on tokens
-    that are not clipped.
+    ``loss`` is the scalar to minimise. The masks are bool ``[batch, response_len]``; ``detached`` marks
+    the tokens whose gradient was removed on request (Clip-Cov), apart from the clip events; ``ratio`` is
+    the detached importance ratio (1 on invalid positions); ``token_scale`` is the per-token factor 1/N of
+    the aggregation mode (0 on invalid positions), so that ``loss == -(A * r * token_scale).sum()`` on
+    tokens that are neither clipped nor detached.
     """
 
     loss: Tensor
@@ -46,6 +47,7 @@ class SurrogateOutput:
     clip_low: Tensor
     clip_high: Tensor
     dual: Tensor
+    detached: Tensor
     ratio: Tensor
     token_scale: Tensor
     stats: dict[str, float] = field(default_factory=dict)
@@ -115,6 +117,25 @@ def aggregate(
     return torch.where(mask.bool(), values, torch.zeros_like(values)).mul(scale).sum()
 
 
+def clip_masks(
+    ratio: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float | None,
+    eps_high: float | None,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sign-gated (clip-low, clip-high, dual-clip) bool masks ``[B, T]`` from the ratio and advantages."""
+    mask = mask.bool()
+    adv = broadcast_advantages(advantages, mask)
+    neg, pos = (adv < 0) & mask, (adv > 0) & mask
+    no_event = torch.zeros_like(mask)
+    clip_low = neg & (ratio < 1.0 - eps_low) if eps_low is not None else no_event
+    clip_high = pos & (ratio > 1.0 + eps_high) if eps_high is not None else no_event
+    dual = neg & (ratio > dual_clip) if dual_clip is not None else no_event
+    return clip_low, clip_high, dual
+
+
 def clipped_surrogate(
     logp_new: Tensor,
     logp_old: Tensor,
@@ -131,6 +152,8 @@ def clipped_surrogate(
     logp_ref: Tensor | None = None,
     kl_coef: float = 0.0,
     kl_kind: KLKind = "k3",
+    detach: Tensor | None = None,
+    token_penalty: Tensor | None = None,
 ) -> SurrogateOutput:
     """PPO/GRPO clipped surrogate ``min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` as a loss to minimise.
 
@@ -146,6 +169,9 @@ def clipped_surrogate(
             (``loss -= entropy_coef * aggregate(entropy)``).
         logp_ref, kl_coef, kl_kind: optional reference log-probs and KL penalty
             (``loss += kl_coef * aggregate(kl_penalty(logp_new, logp_ref, kl_kind))``).
+        detach: optional bool ``[B, T]``: tokens whose gradient is removed as well (Clip-Cov); they
+            keep their loss value and are reported in ``out.detached`` and ``clip_ratio/cov_mean``.
+        token_penalty: optional per-token loss term ``[B, T]`` added before aggregation (KL-Cov).
     """
     _check_eps(eps_low, eps_high, dual_clip)
     _check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
@@ -157,11 +183,7 @@ def clipped_surrogate(
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
     r = ratio.detach()
 
-    neg, pos = (adv < 0) & mask, (adv > 0) & mask
-    no_event = torch.zeros_like(mask)
-    clip_low = neg & (r < 1.0 - eps_low) if eps_low is not None else no_event
-    clip_high = pos & (r > 1.0 + eps_high) if eps_high is not None else no_event
-    dual = neg & (r > dual_clip) if dual_clip is not None else no_event
+    clip_low, clip_high, dual = clip_masks(r, adv, mask, eps_low, eps_high, dual_clip)
 
     # The clipped branches are constants in theta: their values, with no gradient.
     clipped_value = torch.zeros_like(adv)
@@ -172,7 +194,16 @@ def clipped_surrogate(
     if dual_clip is not None:
         clipped_value = torch.where(dual, -adv * dual_clip, clipped_value)
     clipped = clip_low | clip_high | dual
-    per_token = torch.where(clipped, clipped_value, -adv * ratio)
+    unclipped_value = -adv * ratio
+    detached = torch.zeros_like(mask)
+    if detach is not None:
+        _check_shapes(detach=detach, mask=mask)
+        detached = detach.bool() & mask & ~clipped
+        unclipped_value = torch.where(detached, unclipped_value.detach(), unclipped_value)
+    per_token = torch.where(clipped, clipped_value, unclipped_value)
+    if token_penalty is not None:
+        _check_shapes(token_penalty=token_penalty, mask=mask)
+        per_token = per_token + torch.where(mask, token_penalty.float(), torch.zeros_like(adv))
 
     scale = aggregation_scale(mask, agg, max_len)
     pg_loss = (per_token * scale).sum()
@@ -193,8 +224,10 @@ def clipped_surrogate(
         loss = loss + kl_coef * kl_term
         extra["kl/ref"] = kl_term.detach()
 
+    if detach is not None:
+        extra["clip_ratio/cov_mean"] = detached.sum() / mask.sum().clamp(min=1)
     stats = _surrogate_stats(pg_loss.detach(), r, mask, clip_low, clip_high, dual, extra)
-    return SurrogateOutput(loss, pg_loss, clip_low, clip_high, dual, r, scale, stats)
+    return SurrogateOutput(loss, pg_loss, clip_low, clip_high, dual, detached, r, scale, stats)
 
 
 def _surrogate_stats(

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel
 from entroclip.advantages import gae, group_advantages, masked_whiten
 from entroclip.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
 from entroclip.config import Config, ConfigError, dump_config
+from entroclip.control import CLIP_COV_FRACTION, KL_COV_FRACTION, ControlAction, make_controller
 from entroclip.entropy import token_entropy
 from entroclip.logging import MetricsLogger
 from entroclip.objectives import kl_penalty
@@ -49,7 +50,7 @@ from entroclip.policy.sampling import (
 from entroclip.rewards import make_reward, score_batch
 from entroclip.runio import CONFIG_FILE, atomic_write_text
 from entroclip.tasks import Example, Task, make_task
-from entroclip.update import UpdateBatch, UpdateSettings, run_update
+from entroclip.update import CovSettings, UpdateBatch, UpdateSettings, run_update
 from entroclip.value import ValueHead, terminal_rewards
 
 T = TypeVar("T")
@@ -149,6 +150,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.step = 0
         self.consecutive_skips = 0
+        self.controller = make_controller(config.control, config.loss)
         self.skipped_total = 0
         if resume:
             self._restore()
@@ -215,6 +217,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "consecutive_skips": self.consecutive_skips,
+            "controller": self.controller.state_dict(),
             "skipped_total": self.skipped_total,
         }
 
@@ -245,6 +248,7 @@ class Trainer:
         self.step = ckpt.state["step"]
         self.consecutive_skips = ckpt.state["consecutive_skips"]
         self.skipped_total = ckpt.state["skipped_total"]
+        self.controller.load_state_dict(ckpt.state["controller"])
         self.console.print(f"resumed from {ckpt.path} (step {self.step})")
 
     # ----- data -------------------------------------------------------------------------------------
@@ -357,11 +361,22 @@ class Trainer:
         advantages = masked_whiten(advantages, mask)
         return UpdateBatch(rollout, advantages, logp_old, ref_for_loss, old_values, returns), metrics
 
-    def update_settings(self) -> UpdateSettings:
+    def update_settings(self, action: ControlAction) -> UpdateSettings:
+        """The update's settings for this step, with the controller's bounds and entropy coefficient."""
         c = self.config
+        cov = None
+        if c.control.kind in ("clip_cov", "kl_cov"):
+            default_fraction = CLIP_COV_FRACTION if c.control.kind == "clip_cov" else KL_COV_FRACTION
+            cov = CovSettings(
+                kind=c.control.kind,
+                fraction=c.control.cov_fraction or default_fraction,
+                lower=c.control.cov_lower,
+                upper=c.control.cov_upper,
+                coef=c.control.kl_cov_coef,
+            )
         return UpdateSettings(
-            eps_low=c.loss.eps_low,
-            eps_high=c.loss.eps_high,
+            eps_low=action.eps_low,
+            eps_high=action.eps_high,
             dual_clip=c.loss.dual_clip,
             agg=c.loss.agg,
             max_len=c.loss.max_len or c.rollout.max_new_tokens,
@@ -369,12 +384,13 @@ class Trainer:
             epochs=c.optim.epochs,
             minibatches=c.optim.minibatches,
             grad_clip=c.optim.grad_clip,
-            entropy_coef=c.loss.entropy_coef,
+            entropy_coef=action.entropy_coef,
             kl_coef=c.loss.kl.coef if not c.loss.kl.in_reward else 0.0,
             kl_kind=c.loss.kl.kind,
             attribution=c.diagnostics.attribution,
             value_coef=c.advantage.value_coef,
             value_clip=c.advantage.value_clip,
+            cov=cov,
         )
 
     def counterfactual(
@@ -402,7 +418,8 @@ class Trainer:
         c = self.config
         t0 = time.perf_counter()
         batch, metrics = self.collect(step)
-        settings = self.update_settings()
+        action = self.controller.act(step, metrics["entropy/rollout"])
+        settings = self.update_settings(action)
         shuffle_seed = derive_seed(c.run.seed, step, "shuffle")
         probe_before = None
         if self.probe is not None:
@@ -425,10 +442,12 @@ class Trainer:
         metrics.update(stats.metrics())
         metrics["train/skipped_steps"] = float(self.skipped_total)
         metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
-        if c.loss.eps_low is not None:
-            metrics["control/eps_low"] = c.loss.eps_low
-        if c.loss.eps_high is not None:
-            metrics["control/eps_high"] = c.loss.eps_high
+        if action.eps_low is not None:
+            metrics["control/eps_low"] = action.eps_low
+        if action.eps_high is not None:
+            metrics["control/eps_high"] = action.eps_high
+        metrics["control/entropy_coef"] = action.entropy_coef
+        metrics.update(self.controller.metrics())
         if probe_before is not None:
             probe_after = self.probe_entropy()
             self._probe_cache = probe_after

@@ -8,13 +8,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from entroclip.control import clip_cov_select, kl_cov_select
 from entroclip.entropy import EFFECT_KEYS, clip_attribution, entropy_sensitivity, token_entropy
-from entroclip.objectives import Aggregation, KLKind, clipped_surrogate
+from entroclip.objectives import (
+    LOG_RATIO_LIMIT,
+    Aggregation,
+    KLKind,
+    broadcast_advantages,
+    clip_masks,
+    clipped_surrogate,
+)
 from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden, token_logprobs
 from entroclip.value import ValueHead, clipped_value_loss
 
@@ -49,6 +58,17 @@ class UpdateBatch:
 
 
 @dataclass(frozen=True)
+class CovSettings:
+    """Clip-Cov / KL-Cov token selection in every minibatch step (see entroclip.control)."""
+
+    kind: Literal["clip_cov", "kl_cov"]
+    fraction: float
+    lower: float = 1.0
+    upper: float = 5.0
+    coef: float = 1.0
+
+
+@dataclass(frozen=True)
 class UpdateSettings:
     """Everything the update needs besides the model, the optimizer and the batch."""
 
@@ -67,6 +87,7 @@ class UpdateSettings:
     attribution: bool = True
     value_coef: float = 0.5
     value_clip: float = 0.2
+    cov: CovSettings | None = None
 
 
 @dataclass
@@ -84,6 +105,7 @@ class UpdateStats:
     kl_sum: float = 0.0
     grad_norm_sum: float = 0.0
     value_loss_sum: float = 0.0
+    cov_selected: float = 0.0
     value_steps: int = 0
     optimizer_steps: int = 0
     skipped_steps: int = 0
@@ -105,6 +127,8 @@ class UpdateStats:
             "train/optimizer_steps": float(self.optimizer_steps),
         }
         out.update({f"entropy/{k}": v for k, v in self.effects.items()})
+        if self.cov_selected:
+            out["clip_ratio/cov_mean"] = self.cov_selected / n
         if self.value_steps:
             out["loss/value"] = self.value_loss_sum / self.value_steps
         return out
@@ -136,7 +160,9 @@ def run_update(
     model.train()
     for _ in range(settings.epochs):
         for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
-            ok = _minibatch_step(model, value_head, optimizer, batch.select(index), settings, stats)
+            ok = _minibatch_step(
+                model, value_head, optimizer, batch.select(index), settings, stats, generator
+            )
             if ok:
                 scheduler.step()
                 consecutive_skips = 0
@@ -152,6 +178,7 @@ def _minibatch_step(
     mb: UpdateBatch,
     settings: UpdateSettings,
     stats: UpdateStats,
+    generator: torch.Generator,
 ) -> bool:
     rollout = mb.rollout
     mask = rollout.response_mask
@@ -165,6 +192,7 @@ def _minibatch_step(
         )
     logp_new = token_logprobs(logits, rollout.responses)
     entropy = token_entropy(logits) if settings.entropy_coef else None
+    detach, penalty, selected = _covariance_terms(mb, logp_new, settings, generator)
     out = clipped_surrogate(
         logp_new,
         mb.logp_old,
@@ -180,6 +208,8 @@ def _minibatch_step(
         logp_ref=mb.logp_ref,
         kl_coef=settings.kl_coef,
         kl_kind=settings.kl_kind,
+        detach=detach,
+        token_penalty=penalty,
     )
     loss = out.loss if value_loss is None else out.loss + settings.value_coef * value_loss
     optimizer.zero_grad(set_to_none=True)
@@ -205,6 +235,7 @@ def _minibatch_step(
     stats.clip_low += float(out.clip_low.sum())
     stats.clip_high += float(out.clip_high.sum())
     stats.dual += float(out.dual.sum())
+    stats.cov_selected += float((selected & ~(out.clip_low | out.clip_high | out.dual)).sum())
     stats.ratio_sum += float(valid_ratio.sum())
     if valid_ratio.numel():
         stats.ratio_min = min(stats.ratio_min, float(valid_ratio.min()))
@@ -216,3 +247,24 @@ def _minibatch_step(
         stats.value_steps += 1
     stats.optimizer_steps += 1
     return True
+
+
+def _covariance_terms(
+    mb: UpdateBatch, logp_new: Tensor, settings: UpdateSettings, generator: torch.Generator
+) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """Clip-Cov's detach mask or KL-Cov's per-token penalty for one minibatch, and the selected tokens."""
+    mask = mb.rollout.response_mask
+    cov = settings.cov
+    if cov is None:
+        return None, None, torch.zeros_like(mask)
+    adv = broadcast_advantages(mb.advantages, mask)
+    if cov.kind == "kl_cov":
+        chosen = kl_cov_select(adv, logp_new, mask, cov.fraction)
+        abs_log_ratio = (logp_new - mb.logp_old).abs()
+        return None, torch.where(chosen, cov.coef * abs_log_ratio, torch.zeros_like(abs_log_ratio)), chosen
+    ratio = torch.exp((logp_new.detach() - mb.logp_old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    low, high, dual = clip_masks(ratio, adv, mask, settings.eps_low, settings.eps_high, settings.dual_clip)
+    chosen = clip_cov_select(
+        adv, logp_new, mask, low | high | dual, cov.fraction, cov.lower, cov.upper, generator
+    )
+    return chosen, None, chosen

@@ -1,0 +1,260 @@
+"""Entropy control: the clip-low controller, an adaptive entropy bonus, and the Clip-Cov / KL-Cov rules.
+
+Controllers act once per RL step: they read the rollout entropy of the pre-update policy (nats) and
+return the clip bounds and entropy coefficient for that step's update. Clip-Cov and KL-Cov act inside
+every minibatch step on the tokens with the largest covariance between advantage and log-probability
+(Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models").
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from entroclip.config import ControlConfig, LossConfig
+
+#: the published default fractions of valid tokens (Cui et al. 2025)
+CLIP_COV_FRACTION = 2e-4
+KL_COV_FRACTION = 2e-3
+
+
+@dataclass(frozen=True)
+class ControlAction:
+    """What the update of one step uses."""
+
+    eps_low: float | None
+    eps_high: float | None
+    entropy_coef: float
+
+
+class EntropyTarget:
+    """The entropy to hold (nats): absolute, or a fraction of the first entropy observed; held until
+    ``release_step`` (None: always). Measurements are smoothed with an EMA (``smoothing`` = weight on the
+    past)."""
+
+    def __init__(self, target: float | None, ratio: float | None, release_step: int | None, smoothing: float):
+        self.value = target
+        self.ratio = ratio
+        self.release_step = release_step
+        self.smoothing = smoothing
+        self.smoothed: float | None = None
+
+    def observe(self, entropy: float) -> float:
+        """Record a measurement; returns the smoothed entropy. The first one fixes a ratio target."""
+        if self.value is None:
+            assert self.ratio is not None
+            self.value = self.ratio * entropy
+        if self.smoothed is None:
+            self.smoothed = entropy
+        else:
+            self.smoothed = self.smoothing * self.smoothed + (1 - self.smoothing) * entropy
+        return self.smoothed
+
+    def held(self, step: int) -> bool:
+        return self.release_step is None or step <= self.release_step
+
+    def relative_error(self) -> float:
+        """(target - entropy) / target: positive when entropy is too low."""
+        assert self.value is not None and self.smoothed is not None
+        return (self.value - self.smoothed) / max(self.value, 1e-8)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "smoothed": self.smoothed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value, self.smoothed = state["value"], state["smoothed"]
+
+
+class Controller(ABC):
+    """Chooses the clip bounds and entropy coefficient of each step's update."""
+
+    def __init__(self, loss: LossConfig) -> None:
+        self.eps_low = loss.eps_low
+        self.eps_high = loss.eps_high
+        self.entropy_coef = loss.entropy_coef
+
+    @abstractmethod
+    def act(self, step: int, entropy: float) -> ControlAction:
+        """The action for ``step``, given the rollout entropy (nats) of the pre-update policy."""
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def static_action(self) -> ControlAction:
+        return ControlAction(self.eps_low, self.eps_high, self.entropy_coef)
+
+
+class StaticController(Controller):
+    """Fixed bounds (``loss.eps_low``, ``loss.eps_high``), e.g. DAPO's clip-higher (0.2, 0.28)."""
+
+    def act(self, step: int, entropy: float) -> ControlAction:
+        return self.static_action()
+
+
+class ClipLowController(Controller):
+    """A PI controller on eps_low that holds the rollout entropy at a target.
+
+    With e = (target - H) / target (relative error, positive when entropy is too low) and the integral
+    I = sum of past e, eps_low = clamp(eps_ref - kp e - ki I, eps_low_min, eps_low_max): too little
+    entropy lowers eps_low, so clip-low fires more often and removes more of the entropy-lowering push-down
+    of rare tokens. Anti-windup by conditional integration: the error is not integrated while the output
+    is saturated in the direction the error pushes.
+    """
+
+    def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
+        super().__init__(loss)
+        self.target = _target(control)
+        self.eps_ref = control.eps_low_ref if control.eps_low_ref is not None else (loss.eps_low or 0.2)
+        self.bounds = (control.eps_low_min, control.eps_low_max)
+        self.kp, self.ki = control.kp, control.ki
+        self.integral = 0.0
+        self.current = self.eps_ref
+
+    def act(self, step: int, entropy: float) -> ControlAction:
+        self.target.observe(entropy)
+        if not self.target.held(step):
+            self.current = self.eps_ref
+            return ControlAction(self.eps_ref, self.eps_high, self.entropy_coef)
+        error = self.target.relative_error()
+        low, high = self.bounds
+        proposed = self.eps_ref - self.kp * error - self.ki * (self.integral + error)
+        pushing_below = proposed < low and error > 0
+        pushing_above = proposed > high and error < 0
+        if not (pushing_below or pushing_above):
+            self.integral += error
+        self.current = min(max(self.eps_ref - self.kp * error - self.ki * self.integral, low), high)
+        return ControlAction(self.current, self.eps_high, self.entropy_coef)
+
+    def metrics(self) -> dict[str, float]:
+        return {"control/target": float(self.target.value or 0.0), "control/integral": self.integral}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict(), "integral": self.integral, "current": self.current}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])
+        self.integral, self.current = state["integral"], state["current"]
+
+
+class EntropyBonusController(Controller):
+    """An entropy bonus whose coefficient adapts to hold the rollout entropy at a target.
+
+    The SAC temperature rule in log space: log c <- log c + lr * (target - H) / target, then
+    c = min(exp(log c), coef_max). Too little entropy raises the bonus, too much lowers it.
+    """
+
+    def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
+        super().__init__(loss)
+        self.target = _target(control)
+        self.lr = control.coef_lr
+        self.coef_max = control.coef_max
+        self.log_coef = math.log(control.coef_init)
+
+    @property
+    def coef(self) -> float:
+        return min(math.exp(self.log_coef), self.coef_max)
+
+    def act(self, step: int, entropy: float) -> ControlAction:
+        self.target.observe(entropy)
+        if not self.target.held(step):
+            return self.static_action()
+        self.log_coef += self.lr * self.target.relative_error()
+        self.log_coef = min(self.log_coef, math.log(self.coef_max))  # no windup above the cap
+        return ControlAction(self.eps_low, self.eps_high, self.coef)
+
+    def metrics(self) -> dict[str, float]:
+        return {"control/target": float(self.target.value or 0.0), "control/coef": self.coef}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict(), "log_coef": self.log_coef}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])
+        self.log_coef = state["log_coef"]
+
+
+class KLCovController(StaticController):
+    """KL-Cov's update has no ratio clipping: the covariance penalty takes its place."""
+
+    def act(self, step: int, entropy: float) -> ControlAction:
+        return ControlAction(None, None, self.entropy_coef)
+
+
+def _target(control: ControlConfig) -> EntropyTarget:
+    return EntropyTarget(control.target, control.target_ratio, control.release_step, control.smoothing)
+
+
+def make_controller(control: ControlConfig, loss: LossConfig) -> Controller:
+    """The controller of ``control.kind`` (Clip-Cov acts per minibatch and keeps the static bounds)."""
+    if control.kind == "clip_low":
+        return ClipLowController(control, loss)
+    if control.kind == "entropy_bonus":
+        return EntropyBonusController(control, loss)
+    if control.kind == "kl_cov":
+        return KLCovController(loss)
+    return StaticController(loss)
+
+
+# ----- Clip-Cov and KL-Cov token selection ----------------------------------------------------------------
+
+
+def centred_covariance(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
+    """Per-token (A - mean A)(log pi - mean log pi) with means over the valid tokens, ``[B, T]`` float32;
+    -inf on invalid tokens."""
+    valid = mask.bool()
+    adv, lp = advantages.detach().float(), logp.detach().float()
+    n = valid.sum().clamp(min=1)
+    adv_mean = torch.where(valid, adv, torch.zeros_like(adv)).sum() / n
+    lp_mean = torch.where(valid, lp, torch.zeros_like(lp)).sum() / n
+    cov = (adv - adv_mean) * (lp - lp_mean)
+    return torch.where(valid, cov, torch.full_like(cov, -math.inf))
+
+
+def _count(fraction: float, mask: Tensor) -> int:
+    """How many tokens a fraction of the valid tokens means: max(1, floor(fraction * valid tokens))."""
+    return max(1, int(fraction * int(mask.sum())))
+
+
+def clip_cov_select(
+    advantages: Tensor,
+    logp: Tensor,
+    mask: Tensor,
+    clipped: Tensor,
+    fraction: float,
+    lower: float,
+    upper: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """Clip-Cov: a random ``fraction`` of the valid tokens (at least 1), drawn among the tokens that are
+    not already clipped and whose centred covariance lies in (lower, upper); their gradient is detached.
+    Returns bool ``[B, T]``."""
+    cov = centred_covariance(advantages, logp, mask)
+    eligible = mask.bool() & ~clipped & (cov > lower) & (cov < upper)
+    candidates = eligible.flatten().nonzero().squeeze(-1)
+    chosen = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    if candidates.numel():
+        order = torch.randperm(candidates.numel(), generator=generator).to(candidates.device)
+        chosen[candidates[order[: _count(fraction, mask)]]] = True
+    return chosen.view_as(mask)
+
+
+def kl_cov_select(advantages: Tensor, logp: Tensor, mask: Tensor, fraction: float) -> Tensor:
+    """KL-Cov: the top ``fraction`` of the valid tokens (at least 1) by centred covariance; they get the
+    penalty coef * |log r|. Returns bool ``[B, T]``."""
+    cov = centred_covariance(advantages, logp, mask).flatten()
+    chosen = torch.zeros_like(cov, dtype=torch.bool)
+    if mask.any():
+        k = min(_count(fraction, mask), int(mask.sum()))
+        chosen[torch.topk(cov, k).indices] = True
+    return chosen.view_as(mask)

@@ -1,0 +1,219 @@
+"""Entropy controllers on synthetic plants, and the Clip-Cov / KL-Cov selection rules on hand-made batches."""
+
+import math
+from itertools import pairwise
+
+import pytest
+import torch
+
+from entroclip.config import ControlConfig, LossConfig, parse_config
+from entroclip.control import (
+    ClipLowController,
+    EntropyBonusController,
+    centred_covariance,
+    clip_cov_select,
+    kl_cov_select,
+    make_controller,
+)
+
+LOSS = LossConfig(eps_low=0.2, eps_high=0.2)
+
+
+def clip_low(**kw) -> ClipLowController:
+    return ClipLowController(ControlConfig(kind="clip_low", **kw), LOSS)
+
+
+def run_plant(controller, steps=300, h0=1.0, balance=0.2, gain=0.5, noise=0.01, seed=0):
+    """A first-order plant: entropy rises when eps_low is below its balance point, falls above it."""
+    gen = torch.Generator().manual_seed(seed)
+    h, history, actions = h0, [], []
+    for step in range(1, steps + 1):
+        action = controller.act(step, h)
+        h += gain * (balance - action.eps_low) + noise * torch.randn((), generator=gen).item()
+        history.append(h)
+        actions.append(action)
+    return history, actions
+
+
+def test_clip_low_holds_the_target_on_a_plant():
+    ctl = clip_low(target=0.8, kp=0.5, ki=0.05)
+    history, actions = run_plant(ctl, balance=0.25)  # the static eps_low=0.2 would let entropy rise
+    tail = history[-100:]
+    assert abs(sum(tail) / len(tail) - 0.8) < 0.02
+    assert max(abs(h - 0.8) for h in tail) < 0.08
+    # in steady state eps_low sits at the plant's balance point, found by the integral term
+    assert sum(a.eps_low for a in actions[-100:]) / 100 == pytest.approx(0.25, abs=0.01)
+    assert all(a.eps_high == 0.2 for a in actions)
+
+
+def test_clip_low_lowers_eps_low_when_entropy_is_too_low():
+    ctl = clip_low(target=1.0)
+    assert ctl.act(1, 0.5).eps_low < 0.2
+    ctl = clip_low(target=1.0)
+    assert ctl.act(1, 1.5).eps_low > 0.2
+
+
+def test_bounds_and_anti_windup():
+    ctl = clip_low(target=1.0, eps_low_min=0.05, eps_low_max=0.3, kp=1.0, ki=0.5)
+    for step in range(1, 101):  # entropy far too low for a long time: saturated at the lower bound
+        assert 0.05 <= ctl.act(step, 0.1).eps_low <= 0.3
+    assert ctl.current == 0.05
+    assert abs(ctl.integral) < 2.0  # not 100 * 0.9: the integral stopped while saturated
+    # when the error changes sign the output leaves the bound at once
+    assert ctl.act(101, 1.5).eps_low > 0.05
+
+
+def test_without_anti_windup_recovery_would_be_slow():
+    """The conditional integration matters: the same PI law with free integration stays saturated."""
+    ctl = clip_low(target=1.0, eps_low_min=0.05, eps_low_max=0.3, kp=1.0, ki=0.5)
+    for step in range(1, 101):
+        ctl.act(step, 0.1)
+    windup = 100 * 0.9  # what a free integrator would have accumulated
+    free_output = 0.2 - 1.0 * (-0.5) - 0.5 * (windup - 0.5)
+    assert free_output < 0.05  # clamped at the bound: no recovery on the first step
+
+
+def test_target_ratio_release_and_state_round_trip():
+    ctl = clip_low(target_ratio=0.5, release_step=3, smoothing=0.5)
+    ctl.act(1, 2.0)
+    assert ctl.target.value == 1.0  # half the first entropy
+    ctl.act(2, 0.6)
+    state = ctl.state_dict()
+    twin = clip_low(target_ratio=0.5, release_step=3, smoothing=0.5)
+    twin.load_state_dict(state)
+    for step, h in [(3, 0.7), (4, 0.4), (5, 0.9)]:
+        assert twin.act(step, h) == ctl.act(step, h)
+    assert ctl.act(4, 0.1).eps_low == 0.2  # released: back to the reference bound
+
+
+def test_entropy_bonus_adapts_and_is_capped():
+    cfg = ControlConfig(kind="entropy_bonus", target=1.0, coef_init=1e-3, coef_max=0.01, coef_lr=0.5)
+    ctl = EntropyBonusController(cfg, LOSS)
+    coefs = [ctl.act(step, 0.5).entropy_coef for step in range(1, 30)]
+    assert coefs[0] > 1e-3 and all(b >= a for a, b in pairwise(coefs))
+    assert max(coefs) == 0.01
+    down = [ctl.act(step, 2.0).entropy_coef for step in range(30, 40)]
+    assert down[-1] < down[0] < 0.01  # no windup above the cap: it falls at once
+    assert ctl.act(41, 1.0).eps_low == 0.2
+
+
+def test_entropy_bonus_on_a_plant():
+    """A self-regulating plant: entropy relaxes towards 0.5 + 10 * coef (0.8 at coef = 0.03)."""
+    cfg = ControlConfig(kind="entropy_bonus", target=0.8, coef_init=1e-3, coef_max=1.0, coef_lr=0.3)
+    ctl = EntropyBonusController(cfg, LOSS)
+    gen = torch.Generator().manual_seed(0)
+    h, tail = 1.0, []
+    for step in range(1, 400):
+        coef = ctl.act(step, h).entropy_coef
+        h += 0.2 * (0.5 + 10 * coef - h) + 0.005 * torch.randn((), generator=gen).item()
+        if step > 300:
+            tail.append(h)
+    assert abs(sum(tail) / len(tail) - 0.8) < 0.02
+    assert ctl.coef == pytest.approx(0.03, rel=0.2)
+
+
+def test_config_rules():
+    with pytest.raises(ValueError, match="exactly one of control.target"):
+        ControlConfig(kind="clip_low")
+    with pytest.raises(ValueError, match="exactly one of control.target"):
+        ControlConfig(kind="entropy_bonus", target=1.0, target_ratio=0.5)
+    with pytest.raises(ValueError, match="eps_low_min"):
+        ControlConfig(kind="clip_low", target=1.0, eps_low_min=0.5, eps_low_max=0.1)
+    with pytest.raises(ValueError, match="optim.minibatches"):
+        parse_config({"control": {"kind": "kl_cov"}, "optim": {"epochs": 1, "minibatches": 1}})
+    assert make_controller(ControlConfig(kind="kl_cov"), LOSS).act(1, 1.0).eps_low is None
+    assert make_controller(ControlConfig(), LOSS).act(1, 1.0).eps_low == 0.2
+
+
+def hand_batch():
+    adv = torch.tensor([[2.0, 2.0, -1.0, 0.0], [1.0, -2.0, -2.0, 3.0]])
+    logp = torch.tensor([[-0.1, -3.0, -0.5, -1.0], [-2.0, -0.2, -4.0, -0.3]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    return adv, logp, mask
+
+
+def reference_covariance(adv, logp, mask):
+    a = [x for x, m in zip(adv.flatten().tolist(), mask.flatten().tolist(), strict=True) if m]
+    lp = [x for x, m in zip(logp.flatten().tolist(), mask.flatten().tolist(), strict=True) if m]
+    ma, ml = sum(a) / len(a), sum(lp) / len(lp)
+    return [(x - ma) * (y - ml) for x, y in zip(a, lp, strict=True)]
+
+
+def test_centred_covariance_by_hand():
+    adv, logp, mask = hand_batch()
+    cov = centred_covariance(adv, logp, mask)
+    assert cov[mask].tolist() == pytest.approx(reference_covariance(adv, logp, mask))
+    assert math.isinf(cov[0, 3]) and cov[0, 3] < 0
+
+
+def test_kl_cov_picks_the_top_covariance_tokens():
+    adv, logp, mask = hand_batch()
+    ref = reference_covariance(adv, logp, mask)
+    positions = mask.flatten().nonzero().squeeze(-1).tolist()
+    ranked = [positions[i] for i in sorted(range(len(ref)), key=lambda i: -ref[i])]
+    for fraction, k in [(1e-6, 1), (0.3, 2), (0.5, 3)]:  # max(1, floor(fraction * 7 valid tokens))
+        chosen = kl_cov_select(adv, logp, mask, fraction)
+        assert sorted(chosen.flatten().nonzero().squeeze(-1).tolist()) == sorted(ranked[:k])
+
+
+def test_clip_cov_draws_only_eligible_unclipped_tokens():
+    adv, logp, mask = hand_batch()
+    cov = reference_covariance(adv, logp, mask)
+    positions = mask.flatten().nonzero().squeeze(-1).tolist()
+    in_band = {p for p, c in zip(positions, cov, strict=True) if 0.5 < c < 7.0}
+    clipped = torch.zeros_like(mask)
+    first = sorted(in_band)[0]
+    clipped.view(-1)[first] = True
+    eligible = in_band - {first}
+    assert len(eligible) >= 2
+    seen = set()
+    for seed in range(20):
+        chosen = clip_cov_select(
+            adv, logp, mask, clipped, 1e-6, 0.5, 7.0, torch.Generator().manual_seed(seed)
+        )
+        picked = chosen.flatten().nonzero().squeeze(-1).tolist()
+        assert len(picked) == 1 and picked[0] in eligible
+        seen.add(picked[0])
+    assert seen == eligible  # a random draw among all eligible tokens
+    everything = clip_cov_select(adv, logp, mask, clipped, 1.0, 0.5, 7.0, torch.Generator().manual_seed(0))
+    assert set(everything.flatten().nonzero().squeeze(-1).tolist()) == eligible
+    none = clip_cov_select(adv, logp, mask, clipped, 1.0, 100.0, 200.0, torch.Generator().manual_seed(0))
+    assert not none.any()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "keys"),
+    [
+        (["control.kind=clip_low", "control.target_ratio=1.2"], {"control/eps_low", "control/integral"}),
+        (["control.kind=entropy_bonus", "control.target=3.0"], {"control/coef", "control/entropy_coef"}),
+        (
+            ["control.kind=clip_cov", "control.cov_fraction=0.05", "control.cov_lower=-100"],
+            {"clip_ratio/cov_mean"},
+        ),
+        (["control.kind=kl_cov", "control.cov_fraction=0.05"], {"clip_ratio/cov_mean"}),
+    ],
+)
+def test_trainer_runs_each_controller(tmp_path, overrides, keys):
+    from test_trainer import rows, train
+
+    metrics = rows(train(tmp_path, "run.steps=2", *overrides))
+    assert keys <= set(metrics[-1])
+    if "control.kind=kl_cov" in overrides:
+        assert "control/eps_low" not in metrics[-1]  # KL-Cov replaces clipping
+        assert metrics[-1]["clip_ratio/low_mean"] == 0 and metrics[-1]["clip_ratio/high_mean"] == 0
+    if "control.kind=clip_low" in overrides:
+        # entropy is below 1.2x its first value, so eps_low leaves 0.2 downwards
+        assert metrics[-1]["control/eps_low"] < 0.2
+
+
+def test_controller_state_survives_resume(tmp_path):
+    from test_trainer import rows, train, without_timings
+
+    from entroclip.config import load_config
+    from entroclip.trainer import Trainer
+
+    ctl = ["control.kind=clip_low", "control.target_ratio=1.1", "control.smoothing=0.5"]
+    full = train(tmp_path, "run.steps=4", *ctl, name="full")
+    part = train(tmp_path, "run.steps=2", *ctl, name="part")
+    Trainer(load_config(part / "config.yaml", ["run.steps=4"]), resume=True).train(show_progress=False)
+    assert without_timings(rows(part)) == without_timings(rows(full))
