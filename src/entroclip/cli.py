@@ -64,6 +64,8 @@ def train(
         raise fail(str(err)) from None
     except TrainingStopped as err:
         raise fail(str(err), code=1) from None
+    except OSError as err:  # e.g. the disk filled up during training; checkpoints already written stay valid
+        raise fail(f"{err} (resume from the last checkpoint with --resume once fixed)", code=1) from None
     console.print(f"run folder: {run_dir}")
 
 
@@ -110,6 +112,42 @@ def report(
     except (FileNotFoundError, ValueError) as err:
         raise fail(str(err)) from None
     console.print(f"report: {path}")
+
+
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="base YAML config")],
+    grid: Annotated[
+        list[str] | None, typer.Option(help="axis: section.key=v1,v2,... (product of all axes)")
+    ] = None,
+    setting: Annotated[
+        list[str] | None, typer.Option(help="named setting: LABEL:section.key=value;section.key=value")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override for every run")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per setting (0..N-1)")] = 3,
+    out: Annotated[Path, typer.Option(help="sweep folder")] = Path("runs/sweep"),
+    workers: Annotated[int, typer.Option(min=1, help="parallel runs")] = 2,
+    baseline: Annotated[
+        str | None, typer.Option(help="label of the setting others are tested against")
+    ] = None,
+) -> None:
+    """Run a grid of settings x seeds, then write summary.json, report.md and overlaid plots."""
+    from entroclip.config import ConfigError, load_config
+    from entroclip.report import write_study_report
+    from entroclip.study import grid_settings, named_setting, plan_runs, run_study
+
+    try:
+        settings = grid_settings(grid or []) + [named_setting(s) for s in setting or []]
+        if not settings:
+            raise ValueError("give at least one --grid axis or --setting")
+        labels = [s.label for s in settings]
+        if baseline is not None and baseline not in labels:
+            raise ValueError(f"--baseline must be one of {labels}, got {baseline!r}")
+        plan = plan_runs(load_config(config, list(set_ or [])), settings, list(range(seeds)), out)
+    except (ConfigError, ValueError) as err:
+        raise fail(str(err)) from None
+    groups = run_study(plan, workers=workers, console=console)
+    console.print(f"report: {write_study_report(groups, out, title=f'Sweep of {config}', baseline=baseline)}")
 
 
 @app.command()

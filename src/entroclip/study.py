@@ -7,6 +7,7 @@ import queue
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,35 @@ def _run_one(config: dict[str, Any], run_key: str, updates: Any) -> str:
     trainer = Trainer(cfg, overwrite=True, console=Console(stderr=True, quiet=True))
     trainer.train(show_progress=False, on_step=lambda step, _m: updates.put((run_key, step)))
     return cfg.run.out_dir
+
+
+def grid_settings(grid: Sequence[str]) -> list[Setting]:
+    """Settings for the product of ``section.key=v1,v2,...`` axes, labelled ``key=v,key=v``."""
+    axes: list[list[tuple[str, str]]] = []
+    for item in grid:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ValueError(f"--grid expects section.key=v1,v2,..., got {item!r}")
+        axes.append([(key, v) for v in values.split(",")])
+    return (
+        [
+            Setting(
+                ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in combo), tuple(f"{k}={v}" for k, v in combo)
+            )
+            for combo in product(*axes)
+        ]
+        if axes
+        else []
+    )
+
+
+def named_setting(spec: str) -> Setting:
+    """``LABEL:section.key=value;section.key=value`` -> a Setting (for grouped overrides)."""
+    label, sep, body = spec.partition(":")
+    overrides = tuple(part for part in body.split(";") if part)
+    if not sep or not label or not overrides or not all("=" in o for o in overrides):
+        raise ValueError(f"--setting expects LABEL:section.key=value;section.key=value, got {spec!r}")
+    return Setting(label, overrides)
 
 
 def plan_runs(
