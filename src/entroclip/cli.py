@@ -41,6 +41,7 @@ def train(
     """Train a policy with the clipped objective and log entropy diagnostics to a run folder."""
     from entroclip.checkpoint import CheckpointError
     from entroclip.config import ConfigError, load_config
+    from entroclip.distributed import init_distributed, shutdown
     from entroclip.runio import CONFIG_FILE
     from entroclip.trainer import Trainer, TrainingStopped
 
@@ -51,6 +52,8 @@ def train(
                 "give either CONFIG or --resume DIR, not both (a resumed run uses its own config.yaml)"
             )
         config = resume / CONFIG_FILE
+        if not config.is_file():
+            raise fail(f"cannot resume: {config} not found")
         overrides.append(f"run.out_dir={resume}")
     if config is None:
         raise fail("missing CONFIG (or --resume DIR)")
@@ -58,8 +61,11 @@ def train(
         overrides.append(f"run.out_dir={out}")
     try:
         cfg = load_config(config, overrides)
-        trainer = Trainer(cfg, resume=resume is not None, overwrite=overwrite, console=console)
+        ctx = init_distributed()
+        console.quiet = not ctx.is_main
+        trainer = Trainer(cfg, resume=resume is not None, overwrite=overwrite, console=console, ctx=ctx)
         run_dir = trainer.train(show_progress=progress)
+        shutdown(ctx)
     except (ConfigError, CheckpointError) as err:
         raise fail(str(err)) from None
     except TrainingStopped as err:

@@ -32,9 +32,10 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from entroclip.advantages import gae, group_advantages, masked_whiten
-from entroclip.checkpoint import CheckpointError, latest_checkpoint, save_checkpoint
+from entroclip.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, save_checkpoint
 from entroclip.config import Config, ConfigError, dump_config
 from entroclip.control import CLIP_COV_FRACTION, KL_COV_FRACTION, ControlAction, make_controller
+from entroclip.distributed import DistContext
 from entroclip.entropy import token_entropy
 from entroclip.logging import MetricsLogger
 from entroclip.objectives import kl_penalty
@@ -48,7 +49,7 @@ from entroclip.policy.sampling import (
     token_logprobs,
 )
 from entroclip.rewards import make_reward, score_batch
-from entroclip.runio import CONFIG_FILE, atomic_write_text
+from entroclip.runio import CONFIG_FILE, METRICS_FILE, atomic_write_text
 from entroclip.tasks import Example, Task, make_task
 from entroclip.update import CovSettings, UpdateBatch, UpdateSettings, run_update
 from entroclip.value import ValueHead, terminal_rewards
@@ -94,6 +95,11 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             raise ConfigError(
                 f"run.out_dir already exists: {run_dir} (use --resume to continue or --overwrite)"
             )
+        if not _is_run_folder(run_dir):
+            raise ConfigError(
+                f"--overwrite refuses to delete {run_dir}: not an entroclip run folder "
+                f"(none of {', '.join(RUN_ENTRIES)} in it)"
+            )
         shutil.rmtree(run_dir)
     if resume and not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
@@ -103,7 +109,25 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         probe.write_bytes(b"x" * 4096)
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"run.out_dir is not writable: {run_dir} ({err.strerror})") from None
+        raise ConfigError(f"run.out_dir is not writable: {run_dir} ({err.strerror or err})") from None
+
+
+#: what a run folder holds; --overwrite deletes only folders that are empty or hold one of these
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, PROBE_FILE, CHECKPOINT_DIR, "init_model", "tensorboard")
+
+
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and (not any(path.iterdir()) or any((path / e).exists() for e in RUN_ENTRIES))
+
+
+def check_free_space(run_dir: Path, need_bytes: int) -> None:
+    """Raise a ConfigError when the run folder's disk has less than ``need_bytes`` free."""
+    free = shutil.disk_usage(run_dir).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"not enough free disk space for run.out_dir {run_dir}: {free / 2**20:.1f} MiB free, "
+            f"a checkpoint needs about {need_bytes / 2**20:.1f} MiB"
+        )
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -121,25 +145,45 @@ class Trainer:
     """Owns the policy, optimizer, data streams and run folder of one RL run."""
 
     def __init__(
-        self, config: Config, *, resume: bool = False, overwrite: bool = False, console: Console | None = None
+        self,
+        config: Config,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        console: Console | None = None,
+        ctx: DistContext | None = None,
     ) -> None:
         """Validate everything that can be checked without training, then create (or re-open) the run
-        folder: a config that cannot run never leaves a folder behind."""
+        folder: a config that cannot run never leaves a folder behind. Under torchrun (``ctx``), rank 0
+        alone writes the run folder; every rank trains on its share of the prompts."""
         self.config = config
-        self.console = console or Console(stderr=True)
+        self.ctx = ctx or DistContext()
+        self.console = console or Console(stderr=True, quiet=not self.ctx.is_main)
         self.run_dir = Path(config.run.out_dir)
         torch.set_num_threads(config.run.threads)
         self.task: Task = _configured("task", lambda: make_task(config.task.name, **config.task.options))
+        if skipped_lines := getattr(self.task, "skipped_lines", 0):
+            self.console.print(
+                f"[yellow]warning:[/] skipped {skipped_lines} malformed dataset lines "
+                "(task.options.on_bad_line=skip); counted in data/skipped_lines"
+            )
         self.reward_fn = _configured(
             "reward", lambda: make_reward(config.reward.name, **config.reward.options)
         )
         self.eval_reward_fn = _configured("eval.reward", lambda: make_reward(config.eval.reward))
         self._check_model_source()
-        prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+        self._check_distributed()
+        self._prepare_run_dir(resume, overwrite)
         self.fingerprint = config_fingerprint(config)
         self.model, self.tokenizer = self._load_initial_policy()
+        self.model.to(self.ctx.device)
         self.ref_model = self._frozen_copy(self.model) if config.loss.kl.coef > 0 else None
         self.value_head = ValueHead(self.model.config.hidden_size) if config.advantage.kind == "gae" else None
+        if self.value_head is not None:
+            self.value_head.to(self.ctx.device)
+        params = self._trainable_parameters(self.model, self.value_head)
+        # weights and the two AdamW moments, plus room for metrics and events
+        check_free_space(self.run_dir, 3 * sum(p.numel() * p.element_size() for p in params) + 2**20)
         self.optimizer = torch.optim.AdamW(
             self._trainable_parameters(self.model, self.value_head),
             lr=config.optim.lr,
@@ -154,6 +198,8 @@ class Trainer:
         self.skipped_total = 0
         if resume:
             self._restore()
+        self.train_model = self._data_parallel(self.model)
+        self.train_value_head = self._data_parallel(self.value_head) if self.value_head is not None else None
         self.probe = self._load_or_make_probe()
         self._probe_cache: float | None = None
         if config.on_policy:
@@ -163,6 +209,38 @@ class Trainer:
             )
 
     # ----- set-up -------------------------------------------------------------------------------------
+    def _check_distributed(self) -> None:
+        world = self.ctx.world_size
+        if world == 1:
+            return
+        if self.config.task.prompts_per_step % world:
+            raise ConfigError(
+                f"task.prompts_per_step must be divisible by the number of ranks ({world}), "
+                f"got {self.config.task.prompts_per_step}"
+            )
+        if self.config.diagnostics.counterfactual_every:
+            raise ConfigError(
+                "diagnostics.counterfactual_every must be 0 under torchrun (single process only)"
+            )
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0 prepares the run folder; the other ranks learn whether it could."""
+        error = None
+        if self.ctx.is_main:
+            try:
+                prepare_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+            except ConfigError as err:
+                error = err
+        if not self.ctx.broadcast_flag(error is None):
+            raise error or ConfigError(f"rank 0 could not prepare run.out_dir {self.run_dir}")
+
+    def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` wrapped in DistributedDataParallel when there are several ranks."""
+        if not self.ctx.enabled:
+            return module
+        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
     def _check_model_source(self) -> None:
         m = self.config.model
         if m.path is not None and not (Path(m.path) / "config.json").is_file():
@@ -182,8 +260,9 @@ class Trainer:
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
         if m.builtin is not None:
             folder = self.run_dir / "init_model"
-            if not (folder / "config.json").is_file():
+            if self.ctx.is_main and not (folder / "config.json").is_file():
                 save_builtin(m.builtin, self.task.alphabet or "", self.config.run.seed, folder)
+            self.ctx.barrier()
             return load_policy(folder, dtype=dtype)
         return load_policy(m.path, m.gguf_file, dtype=dtype)
 
@@ -222,6 +301,9 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Checkpoint the current state (rank 0 writes; every rank holds the same state)."""
+        if not self.ctx.is_main:
+            return self.run_dir / CHECKPOINT_DIR
         weights = dict(self.model.state_dict())
         if self.value_head is not None:
             weights.update({VALUE_PREFIX + k: v for k, v in self.value_head.state_dict().items()})
@@ -273,29 +355,29 @@ class Trainer:
         )
 
     def _load_or_make_probe(self) -> Rollout | None:
-        """The fixed probe set: prompts with continuations sampled once from the initial policy."""
+        """The fixed probe set: prompts with continuations sampled once from the initial policy, written
+        by rank 0 to ``RUN/probe.safetensors`` and read from there by every rank (and on resume)."""
         d = self.config.diagnostics
         if d.probe_prompts == 0:
             return None
         path = self.run_dir / PROBE_FILE
-        if path.is_file():
-            t = load_file(str(path))
-            mask = t["response_mask"].bool()
-            return Rollout(t["input_ids"], t["attention_mask"], int(t["prompt_len"]), mask, t["logp"], [])
-        seed = derive_seed(self.config.run.seed, 0, "probe")
-        examples = self.task.eval_examples(d.probe_prompts, seed=seed)
-        probe = self._sample(examples, d.probe_samples, seed)
-        tensors = {
-            "input_ids": probe.input_ids,
-            "attention_mask": probe.attention_mask,
-            "response_mask": probe.response_mask.to(torch.uint8),
-            "logp": probe.sampler_logp,
-            "prompt_len": torch.tensor(probe.prompt_len),
-        }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(path)
-        return probe
+        if self.ctx.is_main and not path.is_file():
+            seed = derive_seed(self.config.run.seed, 0, "probe")
+            probe = self._sample(self.task.eval_examples(d.probe_prompts, seed=seed), d.probe_samples, seed)
+            tensors = {
+                "input_ids": probe.input_ids,
+                "attention_mask": probe.attention_mask,
+                "response_mask": probe.response_mask.to(torch.uint8),
+                "logp": probe.sampler_logp,
+                "prompt_len": torch.tensor(probe.prompt_len),
+            }
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+            tmp.replace(path)
+        self.ctx.barrier()
+        t = {k: v.to(self.ctx.device) for k, v in load_file(str(path)).items()}
+        mask = t["response_mask"].bool()
+        return Rollout(t["input_ids"], t["attention_mask"], int(t["prompt_len"]), mask, t["logp"], [])
 
     @torch.no_grad()
     def probe_entropy(self, model: PreTrainedModel | None = None) -> float:
@@ -307,11 +389,13 @@ class Trainer:
 
     # ----- one step ---------------------------------------------------------------------------------
     def collect(self, step: int) -> tuple[UpdateBatch, dict[str, float]]:
-        """Rollout, rewards, old/reference log-probs and advantages for ``step``."""
-        c, seed = self.config, self.config.run.seed
+        """Rollout, rewards, old/reference log-probs and advantages for ``step`` (this rank's share of
+        the prompts); the metrics are over the global batch."""
+        c, seed, ctx = self.config, self.config.run.seed, self.ctx
         t0 = time.perf_counter()
         examples = self.task.examples(c.task.prompts_per_step, seed=derive_seed(seed, step, "data"))
-        rollout = self._sample(examples, c.rollout.group_size, derive_seed(seed, step, "sample"))
+        examples = ctx.shard(examples)
+        rollout = self._sample(examples, c.rollout.group_size, derive_seed(seed, step, "sample") + ctx.rank)
         t1 = time.perf_counter()
         repeated = [e for e in examples for _ in range(c.rollout.group_size)]
         scored = score_batch(
@@ -319,16 +403,16 @@ class Trainer:
             rollout.texts,
             repeated,
             timeout_s=c.reward.timeout_s,
-            seed=derive_seed(seed, step, "reward"),
+            seed=derive_seed(seed, step, "reward") + ctx.rank,
         )
-        rewards = scored.rewards
+        rewards = scored.rewards.to(ctx.device)
         t2 = time.perf_counter()
         mask = rollout.response_mask
-        metrics: dict[str, float] = {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "reward/errors": float(scored.errors),
-            "response/length_mean": float(mask.sum(-1).float().mean()),
+        n_tokens, n_seq = mask.sum(), float(mask.shape[0])
+        sums: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]] = {
+            "reward/mean": (rewards.sum(), n_seq),
+            "reward/sq": (rewards.square().sum(), n_seq),
+            "response/length_mean": (n_tokens, n_seq),
         }
         with torch.no_grad():
             old_values = None
@@ -337,18 +421,25 @@ class Trainer:
             else:
                 logits, hidden = response_logits_and_hidden(self.model, rollout, c.rollout.temperature)
                 old_values = self.value_head(hidden)
-                metrics["value/mean"] = _masked_mean(old_values, mask)
+                sums["value/mean"] = ((old_values * mask).sum(), n_tokens)
             logp_old = token_logprobs(logits, rollout.responses)
-            metrics["entropy/rollout"] = _masked_mean(token_entropy(logits), mask)
+            sums["entropy/rollout"] = ((token_entropy(logits) * mask).sum(), n_tokens)
             del logits
             logp_ref, kl_penalty_tokens = None, torch.zeros_like(logp_old)
             if self.ref_model is not None:
                 ref_logits = response_logits(self.ref_model, rollout, c.rollout.temperature)
                 logp_ref = token_logprobs(ref_logits, rollout.responses)
                 kl = kl_penalty(logp_old, logp_ref, c.loss.kl.kind)
-                metrics["kl/ref"] = _masked_mean(kl, mask)
+                sums["kl/ref"] = ((kl * mask).sum(), n_tokens)
                 if c.loss.kl.in_reward:
                     kl_penalty_tokens = c.loss.kl.coef * kl * mask
+        metrics = self._global_means(sums)
+        n = float(c.task.prompts_per_step * c.rollout.group_size)
+        variance = max(metrics.pop("reward/sq") - metrics["reward/mean"] ** 2, 0.0) * n / max(n - 1, 1)
+        metrics["reward/std"] = math.sqrt(variance)
+        (metrics["reward/errors"],) = ctx.sum([float(scored.errors)])
+        if hasattr(self.task, "skipped_lines"):
+            metrics["data/skipped_lines"] = float(self.task.skipped_lines)
         ref_for_loss = logp_ref if not c.loss.kl.in_reward else None
         metrics["time/rollout_s"] = t1 - t0
         metrics["time/reward_s"] = t2 - t1
@@ -360,6 +451,14 @@ class Trainer:
         advantages, returns = gae(token_rewards, old_values, mask, c.advantage.gamma, c.advantage.lam)
         advantages = masked_whiten(advantages, mask)
         return UpdateBatch(rollout, advantages, logp_old, ref_for_loss, old_values, returns), metrics
+
+    def _global_means(
+        self, sums: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]
+    ) -> dict[str, float]:
+        """name -> (sum, count) over this rank, reduced over ranks into name -> global sum / count."""
+        flat = [float(x) for pair in sums.values() for x in pair]
+        reduced = self.ctx.sum(flat)
+        return {name: reduced[2 * i] / max(reduced[2 * i + 1], 1.0) for i, name in enumerate(sums)}
 
     def update_settings(self, action: ControlAction) -> UpdateSettings:
         """The update's settings for this step, with the controller's bounds and entropy coefficient."""
@@ -428,15 +527,17 @@ class Trainer:
         counterfactual = self.counterfactual(batch, settings, shuffle_seed) if cf_due and self.probe else None
         t1 = time.perf_counter()
         stats, self.consecutive_skips = run_update(
-            self.model,
+            self.train_model,
             self.optimizer,
             self.scheduler,
             batch,
             settings,
             shuffle_seed,
             self.consecutive_skips,
-            self.value_head,
+            self.train_value_head,
+            self.ctx,
         )
+        stats = stats.reduced(self.ctx)
         self.skipped_total += stats.skipped_steps
         t2 = time.perf_counter()
         metrics.update(stats.metrics())
@@ -457,7 +558,7 @@ class Trainer:
             if counterfactual is not None:
                 metrics["entropy/cf_effect_low"] = probe_after - counterfactual["no_low"]
                 metrics["entropy/cf_effect_high"] = probe_after - counterfactual["no_high"]
-        if c.eval.every and step % c.eval.every == 0:
+        if c.eval.every and step % c.eval.every == 0 and self.ctx.is_main:
             metrics.update(self.evaluate(step))
         t3 = time.perf_counter()
         metrics["time/update_s"] = t2 - t1
@@ -488,14 +589,16 @@ class Trainer:
         """Run from the current step to ``run.steps``; returns the run folder. ``on_step(step, metrics)`` is
         called after each step is logged."""
         c = self.config
-        atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(c))
-        logger = MetricsLogger(
-            self.run_dir,
-            resume_step=self.step,
-            tensorboard=c.run.tensorboard,
-            wandb_project=c.run.wandb_project,
-            config=c.model_dump(mode="json"),
-        )
+        logger = None
+        if self.ctx.is_main:
+            atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(c))
+            logger = MetricsLogger(
+                self.run_dir,
+                resume_step=self.step,
+                tensorboard=c.run.tensorboard,
+                wandb_project=c.run.wandb_project,
+                config=c.model_dump(mode="json"),
+            )
         progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -504,7 +607,7 @@ class Trainer:
             TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             console=self.console,
-            disable=not show_progress,
+            disable=not (show_progress and self.ctx.is_main),
         )
         try:
             with progress:
@@ -513,7 +616,8 @@ class Trainer:
                     step = self.step + 1
                     metrics = self.train_step(step)
                     self.step = step
-                    logger.log(step, metrics)
+                    if logger is not None:
+                        logger.log(step, metrics)
                     progress.update(bar, completed=step, info=_progress_info(metrics))
                     if on_step is not None:
                         on_step(step, metrics)
@@ -528,15 +632,17 @@ class Trainer:
                     if (every and step % every == 0) or step == c.run.steps:
                         self.save()
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         return self.run_dir
 
 
 def _configured(section: str, build: Callable[[], T]) -> T:
-    """``build()``, with its ValueError turned into a ConfigError that names the config section."""
+    """``build()``, with its ValueError (bad option, missing file, missing module) turned into a ConfigError
+    that names the config section."""
     try:
         return build()
-    except ValueError as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         raise ConfigError(f"{section}: {err}") from None
 
 

@@ -7,7 +7,7 @@ other clip bounds (the counterfactual attribution probe).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -15,6 +15,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from entroclip.control import clip_cov_select, kl_cov_select
+from entroclip.distributed import DistContext, global_loss_factor
 from entroclip.entropy import EFFECT_KEYS, clip_attribution, entropy_sensitivity, token_entropy
 from entroclip.objectives import (
     LOG_RATIO_LIMIT,
@@ -55,6 +56,9 @@ class UpdateBatch:
             pick(self.old_values),
             pick(self.returns),
         )
+
+
+SINGLE_PROCESS = DistContext()
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,42 @@ class UpdateStats:
     skipped_steps: int = 0
     effects: dict[str, float] = field(default_factory=lambda: dict.fromkeys(EFFECT_KEYS, 0.0))
 
+    def reduced(self, ctx: DistContext) -> UpdateStats:
+        """The stats of the global batch: sums over ranks (gradient norms and step counts are the same on
+        every rank and stay as they are)."""
+        if not ctx.enabled:
+            return self
+        keys = list(self.effects)
+        summed = ctx.sum(
+            [
+                self.tokens,
+                self.clip_low,
+                self.clip_high,
+                self.dual,
+                self.cov_selected,
+                self.ratio_sum,
+                self.loss_sum,
+                self.value_loss_sum,
+                *(self.effects[k] for k in keys),
+            ]
+        )
+        (ratio_min,), (ratio_max,) = ctx.min([self.ratio_min]), ctx.max([self.ratio_max])
+        tokens, low, high, dual, cov, ratio_sum, loss, value_loss, *effects = summed
+        return replace(
+            self,
+            tokens=tokens,
+            clip_low=low,
+            clip_high=high,
+            dual=dual,
+            cov_selected=cov,
+            ratio_sum=ratio_sum,
+            ratio_min=ratio_min,
+            ratio_max=ratio_max,
+            loss_sum=loss,
+            value_loss_sum=value_loss,
+            effects=dict(zip(keys, effects, strict=True)),
+        )
+
     def metrics(self) -> dict[str, float]:
         n = max(self.tokens, 1.0)
         steps = max(self.optimizer_steps, 1)
@@ -148,12 +188,15 @@ def run_update(
     shuffle_seed: int,
     consecutive_skips: int = 0,
     value_head: ValueHead | None = None,
+    ctx: DistContext = SINGLE_PROCESS,
 ) -> tuple[UpdateStats, int]:
     """Take ``epochs * minibatches`` optimizer steps; return the stats and the updated count of
     consecutive skipped steps.
 
     A step whose loss or gradient is not finite is skipped (no parameter or optimizer change). With a
-    ``value_head`` (PPO), its clipped value loss is added with weight ``settings.value_coef``.
+    ``value_head`` (PPO), its clipped value loss is added with weight ``settings.value_coef``. Under data
+    parallelism (``ctx``), ``model`` is the DDP-wrapped policy and the batch is this rank's share; the
+    returned stats are this rank's (see :meth:`UpdateStats.reduced`).
     """
     stats = UpdateStats()
     generator = torch.Generator().manual_seed(shuffle_seed)
@@ -161,7 +204,7 @@ def run_update(
     for _ in range(settings.epochs):
         for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
             ok = _minibatch_step(
-                model, value_head, optimizer, batch.select(index), settings, stats, generator
+                model, value_head, optimizer, batch.select(index), settings, stats, generator, ctx
             )
             if ok:
                 scheduler.step()
@@ -179,6 +222,7 @@ def _minibatch_step(
     settings: UpdateSettings,
     stats: UpdateStats,
     generator: torch.Generator,
+    ctx: DistContext,
 ) -> bool:
     rollout = mb.rollout
     mask = rollout.response_mask
@@ -211,12 +255,17 @@ def _minibatch_step(
         detach=detach,
         token_penalty=penalty,
     )
-    loss = out.loss if value_loss is None else out.loss + settings.value_coef * value_loss
+    # each rank's share of the global aggregate (1 in a single process); DDP averages the gradients
+    factor = global_loss_factor(mask, settings.agg, ctx)
+    token_factor = global_loss_factor(mask, "token-mean", ctx)
+    loss = out.loss * factor
+    if value_loss is not None:
+        loss = loss + settings.value_coef * value_loss * token_factor
     optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
+    if not ctx.enabled and not torch.isfinite(loss):
         stats.skipped_steps += 1
         return False
-    loss.backward()
+    loss.backward()  # with several ranks a non-finite loss is caught below, on every rank at once
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     max_norm = settings.grad_clip if settings.grad_clip is not None else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -227,7 +276,7 @@ def _minibatch_step(
     if settings.attribution:
         _, kappa = entropy_sensitivity(logits.detach(), rollout.responses)
         for key, value in clip_attribution(out, kappa, mb.advantages, logp_new, mb.logp_old, mask).items():
-            stats.effects[key] += value
+            stats.effects[key] += value * factor / ctx.world_size
     optimizer.step()
     n = float(mask.sum())
     valid_ratio = out.ratio[mask]
@@ -240,10 +289,10 @@ def _minibatch_step(
     if valid_ratio.numel():
         stats.ratio_min = min(stats.ratio_min, float(valid_ratio.min()))
         stats.ratio_max = max(stats.ratio_max, float(valid_ratio.max()))
-    stats.loss_sum += out.stats["loss/pg"]
+    stats.loss_sum += out.stats["loss/pg"] * factor / ctx.world_size
     stats.grad_norm_sum += float(grad_norm)
     if value_loss is not None:
-        stats.value_loss_sum += float(value_loss.detach())
+        stats.value_loss_sum += float(value_loss.detach()) * token_factor / ctx.world_size
         stats.value_steps += 1
     stats.optimizer_steps += 1
     return True
