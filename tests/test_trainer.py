@@ -164,6 +164,7 @@ runner = CliRunner()
         (["--set", "task.name=nope"], "task"),
         (["--set", "reward.name=nope"], "reward"),
         (["--set", "run.bogus=1"], "run.bogus"),
+        (["--set", "rollout.backend=vllm"], "rollout.backend=vllm"),
     ],
 )
 def test_cli_bad_config_exits_2_without_run_folder(tmp_path, args, message):

@@ -71,6 +71,10 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(8, ge=1, le=32768, description="response length limit")
     temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (entropy uses the same)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 disables it")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers generate with a KV cache; vllm: a colocated vLLM engine (GPU)"
+    )
+    vllm_gpu_memory: float = Field(0.3, gt=0, le=1, description="vllm: fraction of GPU memory for the engine")
 
 
 class AdvantageConfig(Section):

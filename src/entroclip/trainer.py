@@ -48,6 +48,7 @@ from entroclip.policy.sampling import (
     sample,
     token_logprobs,
 )
+from entroclip.policy.vllm_backend import VLLMSampler, vllm_available
 from entroclip.rewards import make_reward, score_batch
 from entroclip.runio import CONFIG_FILE, METRICS_FILE, atomic_write_text
 from entroclip.tasks import Example, Task, make_task
@@ -172,6 +173,7 @@ class Trainer:
         )
         self.eval_reward_fn = _configured("eval.reward", lambda: make_reward(config.eval.reward))
         self._check_model_source()
+        self._check_rollout_backend()
         self._check_distributed()
         self._prepare_run_dir(resume, overwrite)
         self.fingerprint = config_fingerprint(config)
@@ -198,6 +200,7 @@ class Trainer:
         self.skipped_total = 0
         if resume:
             self._restore()
+        self.vllm = self._vllm_sampler()
         self.train_model = self._data_parallel(self.model)
         self.train_value_head = self._data_parallel(self.value_head) if self.value_head is not None else None
         self.probe = self._load_or_make_probe()
@@ -233,6 +236,25 @@ class Trainer:
                 error = err
         if not self.ctx.broadcast_flag(error is None):
             raise error or ConfigError(f"rank 0 could not prepare run.out_dir {self.run_dir}")
+
+    def _vllm_sampler(self) -> VLLMSampler | None:
+        """The vLLM engine for ``rollout.backend: vllm``, built from the policy's folder."""
+        if self.config.rollout.backend != "vllm":
+            return None
+        m = self.config.model
+        folder = self.run_dir / "init_model" if m.builtin is not None else Path(m.path or "")
+        sampler = VLLMSampler(folder, self.tokenizer, self.config.rollout.vllm_gpu_memory)
+        sampler.sync_weights(self.model)  # a resumed run starts from its checkpoint
+        return sampler
+
+    def _check_rollout_backend(self) -> None:
+        if self.config.rollout.backend != "vllm":
+            return
+        reason = vllm_available()
+        if reason is not None:
+            raise ConfigError(f"rollout.backend=vllm: {reason}; use rollout.backend=hf")
+        if self.config.model.gguf_file is not None:
+            raise ConfigError("rollout.backend=vllm needs model.path or model.builtin, not model.gguf_file")
 
     def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` wrapped in DistributedDataParallel when there are several ranks."""
@@ -344,6 +366,10 @@ class Trainer:
         self, examples: list[Example], repeats: int, seed: int, model: PreTrainedModel | None = None
     ) -> Rollout:
         r = self.config.rollout
+        if self.vllm is not None and model is None:
+            return self.vllm.sample(
+                self._prompts(examples, repeats), r.max_new_tokens, r.temperature, r.top_p, seed
+            )
         return sample(
             model or self.model,
             self.tokenizer,
@@ -538,6 +564,8 @@ class Trainer:
             self.ctx,
         )
         stats = stats.reduced(self.ctx)
+        if self.vllm is not None:
+            self.vllm.sync_weights(self.model)
         self.skipped_total += stats.skipped_steps
         t2 = time.perf_counter()
         metrics.update(stats.metrics())
