@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _NAME = re.compile(r"^step_(\d{6,})$")
 
 
@@ -82,16 +83,22 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    (tmp / "state.pt").write_bytes(buffer.getvalue())
-    files = {name: _sha256(tmp / name) for name in ("model.safetensors", "state.pt")}
-    manifest = {"step": step, "fingerprint": fingerprint, "sha256": files}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for name in (*files, "manifest.json"):
-        with (tmp / name).open("rb") as f:
-            os.fsync(f.fileno())
+    try:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors")
+        )
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (tmp / "state.pt").write_bytes(buffer.getvalue())
+        files = {name: _sha256(tmp / name) for name in CHECKPOINT_FILES}
+        manifest = {"step": step, "fingerprint": fingerprint, "sha256": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for name in (*files, "manifest.json"):
+            with (tmp / name).open("rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. disk full: free the space, keep older checkpoints
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -113,9 +120,18 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint:
     manifest_path = path / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise CheckpointError(f"{path}: unreadable manifest ({err})") from None
-    for name, expected in manifest.get("sha256", {}).items():
+    sums = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(sums, dict)
+        or set(sums) != set(CHECKPOINT_FILES)
+        or not isinstance(manifest.get("step"), int)
+    ):
+        raise CheckpointError(
+            f"{path}: manifest.json is incomplete (needs step and sha256 of {CHECKPOINT_FILES})"
+        )
+    for name, expected in sums.items():
         file = path / name
         if not file.is_file() or _sha256(file) != expected:
             raise CheckpointError(f"{path}: {name} is missing or corrupt (checksum mismatch)")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from entroclip.runio import METRICS_FILE
+from entroclip.runio import METRICS_FILE, atomic_write_text
 
 
 def _json_value(value: float) -> float | None:
@@ -59,7 +59,7 @@ class MetricsLogger:
             if row.get("step", 0) > resume_step:
                 break
             keep.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in keep))
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **{k: _json_value(float(v)) for k, v in metrics.items()}}
