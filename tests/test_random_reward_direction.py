@@ -1,9 +1,10 @@
-"""Under pure random rewards, clip-high lowers the probe entropy of a warmed-up model and clip-low raises it
-relative to clip-high; the first-order attribution has the theorem's signs in every run.
+"""Under pure random rewards, clip-high lowers the probe entropy of a warmed-up model and clip-low raises
+it; the first-order attribution has the theorem's signs in every run.
 
 Without any clipping the tiny model's probe entropy also wanders by about +-0.05 nats over 50 steps (the
-random walk of the logits under coin-flip advantages), which is as large as the clip-low effect here, so
-the clip-low side is compared with the clip-high side on the same seeds rather than with zero.
+random walk of the logits under coin-flip advantages), about as large as the clip-low effect here: the
+mean over seeds of the clip-low-only change is small (+0.02 nats measured) though positive, so the test
+also checks the paired comparison with clip-high only, which has a wide margin.
 """
 
 import json
@@ -58,6 +59,7 @@ def test_clip_high_lowers_and_clip_low_raises_entropy(warmed_model, tmp_path):
     }
     change = {name: r[:, 0] for name, r in results.items()}
     assert change["clip_high_only"].mean() < 0
+    assert change["clip_low_only"].mean() > 0
     assert change["clip_low_only"].mean() > change["clip_high_only"].mean()
     # the first-order attribution agrees in every run: clip-low adds entropy, clip-high removes it
     assert (results["clip_low_only"][:, 1] > 0).all() and (results["clip_low_only"][:, 2] == 0).all()
