@@ -1,0 +1,84 @@
+"""Random rewards, independent of the action, and their group-relative advantages.
+
+The advantages come from :func:`entroclip.advantages.group_advantages` (GRPO, Dr.GRPO, RLOO). Because the
+rewards ignore the action, every advantage is independent of the sampled action and has mean 0, which is
+the setting of the paper's theorems; their one statistic that enters the first-order entropy change is
+``E[max(A, 0)]`` (the paper's mu * nu), computed exactly by :meth:`RandomReward.positive_part_mean`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from entroclip.advantages import ADVANTAGE_KINDS, AdvantageKind, group_advantages
+
+RewardKind = Literal["bernoulli", "gaussian"]
+REWARD_KINDS: tuple[str, ...] = get_args(RewardKind)
+
+
+@dataclass(frozen=True)
+class RandomReward:
+    """Rewards that ignore the action: Bernoulli(``success_prob``) or standard Gaussian.
+
+    ``advantage`` names the group-relative estimator applied to each group of rewards.
+    """
+
+    kind: RewardKind = "bernoulli"
+    success_prob: float = 0.5
+    advantage: AdvantageKind = "grpo"
+
+    def __post_init__(self) -> None:
+        if self.kind not in REWARD_KINDS:
+            raise ValueError(f"reward kind must be one of {REWARD_KINDS}, got {self.kind!r}")
+        if self.advantage not in ADVANTAGE_KINDS:
+            raise ValueError(f"advantage must be one of {ADVANTAGE_KINDS}, got {self.advantage!r}")
+        if not 0.0 < self.success_prob < 1.0:
+            raise ValueError(f"success_prob must be in (0, 1), got {self.success_prob}")
+
+    def sample_advantages(
+        self, groups: tuple[int, int], group_size: int, generator: torch.Generator, dtype: torch.dtype
+    ) -> Tensor:
+        """Advantages ``[S, P, G]`` for ``groups = (S, P)`` groups of ``group_size`` rewards each."""
+        shape = (*groups, group_size)
+        if self.kind == "bernoulli":
+            rewards = (torch.rand(shape, generator=generator, dtype=dtype) < self.success_prob).to(dtype)
+        else:
+            rewards = torch.randn(shape, generator=generator, dtype=dtype)
+        return group_advantages(rewards.reshape(-1), group_size, self.advantage).view(shape).to(dtype)
+
+    def positive_part_mean(self, group_size: int) -> float:
+        """E[max(A, 0)] of one advantage in a group of ``group_size`` (= E[max(-A, 0)], as E[A] = 0)."""
+        if self.kind == "bernoulli":
+            return self._bernoulli_positive_part(group_size)
+        return self._gaussian_positive_part(group_size)
+
+    def _bernoulli_positive_part(self, group_size: int) -> float:
+        """Exact sum over the number k of successes in the group, through the advantage estimator."""
+        p, total = self.success_prob, 0.0
+        for k in range(group_size + 1):
+            group = torch.tensor([1.0] * k + [0.0] * (group_size - k), dtype=torch.float64)
+            advantages = group_advantages(group, group_size, self.advantage).double()
+            weight = math.comb(group_size, k) * p**k * (1 - p) ** (group_size - k)
+            total += weight * advantages.clamp_min(0).mean().item()
+        return total
+
+    def _gaussian_positive_part(self, group_size: int) -> float:
+        """Closed forms for N(0, 1) rewards (the GRPO epsilon of 1e-6 is neglected).
+
+        R_i - mean is N(0, (G-1)/G); with the unbiased std s, (R_i - mean)^2 / s^2 * G / (G-1)^2 is
+        Beta(1/2, (G-2)/2), which gives E|R_i - mean| / s = (G-1)/sqrt(G) Gamma((G-1)/2) /
+        (Gamma(G/2) sqrt(pi)). The positive part is half the absolute value by symmetry.
+        """
+        g = group_size
+        centred_abs = math.sqrt((g - 1) / g) * math.sqrt(2 / math.pi)
+        if self.advantage == "drgrpo":
+            return centred_abs / 2
+        if self.advantage == "rloo":
+            return centred_abs * g / (g - 1) / 2
+        log_ratio = math.lgamma((g - 1) / 2) - math.lgamma(g / 2)
+        return (g - 1) / math.sqrt(g) * math.exp(log_ratio) / math.sqrt(math.pi) / 2

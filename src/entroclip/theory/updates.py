@@ -1,0 +1,281 @@
+"""One GRPO update of tabular softmax policies: sampling, the clipped surrogate, PG / NPG / Adam steps.
+
+An update samples one batch from pi_old (``prompts`` groups of ``group_size`` actions per seed, each group
+in a context drawn uniformly), then makes ``passes`` passes over it in ``minibatches`` minibatches of
+whole groups, one optimiser step per minibatch. Each seed's objective is the mean over its minibatch of
+the clipped surrogate of :func:`entroclip.objectives.clipped_surrogate`; its clip masks and its gradient
+(exactly 0 on clipped samples) are taken from that function, so the lab follows the core's clipping rule.
+
+With per-sample weights w_i = dJ/dlog pi(a_i) (= A_i r_i / B on samples that are not clipped), the steps
+on the logits of context c are, with lr the learning rate:
+
+- ``pg``: lr * sum_i w_i (e_{a_i} - pi_c), plain gradient ascent on the logits;
+- ``npg``: lr * K * sum_i w_i e_{a_i} / pi_c(a_i), tabular natural policy gradient: for a softmax the
+  Fisher matrix maps e_a / pi_a to e_a - pi, and the Fisher weight 1/K of a context (prompts are drawn
+  uniformly) is divided out, so the step does not shrink with K (the paper's Theorem 2 has no d(s));
+- ``adam``: torch's Adam on the logits, with the gradient of the pg step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Literal, Protocol, get_args
+
+import torch
+from torch import Tensor
+
+from entroclip.objectives import SurrogateOutput, clipped_surrogate
+from entroclip.theory.rewards import RandomReward
+from entroclip.theory.softmax import SoftmaxState
+
+Optimiser = Literal["pg", "npg", "adam"]
+OPTIMISERS: tuple[str, ...] = get_args(Optimiser)
+
+#: Starting points for the step size, per optimiser: large enough that ratios leave [0.8, 1.2] within an
+#: update from the default policy (npg steps scale as 1 / pi_a and Adam's as lr itself).
+DEFAULT_LR: dict[str, float] = {"pg": 1.0, "npg": 0.01, "adam": 0.05}
+
+
+@dataclass(frozen=True)
+class ClipBounds:
+    """Clip bounds of the surrogate; None switches a side off (as in ``clipped_surrogate``)."""
+
+    eps_low: float | None = 0.2
+    eps_high: float | None = 0.2
+    dual_clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.eps_low is not None and not 0.0 <= self.eps_low <= 1.0:
+            raise ValueError(f"eps_low must be in [0, 1] or None, got {self.eps_low}")
+        if self.eps_high is not None and not self.eps_high >= 0.0:
+            raise ValueError(f"eps_high must be >= 0 or None, got {self.eps_high}")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"dual_clip must be > 1 or None, got {self.dual_clip}")
+
+    def without_low(self) -> ClipBounds:
+        return replace(self, eps_low=None)
+
+    def without_high(self) -> ClipBounds:
+        return replace(self, eps_high=None)
+
+    @property
+    def clips(self) -> bool:
+        return (self.eps_low, self.eps_high, self.dual_clip) != (None, None, None)
+
+
+NO_CLIP = ClipBounds(None, None, None)
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Everything that defines an update, apart from the policies it starts from.
+
+    ``lr`` is the step size on the logits (units: logits per unit of the per-seed objective).
+    """
+
+    clip: ClipBounds = field(default_factory=ClipBounds)
+    optimiser: Optimiser = "pg"
+    lr: float = 1.0
+    passes: int = 1
+    minibatches: int = 4
+    prompts: int = 4
+    group_size: int = 8
+    reward: RandomReward = field(default_factory=RandomReward)
+
+    def __post_init__(self) -> None:
+        if self.optimiser not in OPTIMISERS:
+            raise ValueError(f"optimiser must be one of {OPTIMISERS}, got {self.optimiser!r}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be > 0 and finite, got {self.lr}")
+        if self.passes < 1 or self.minibatches < 1 or self.prompts < 1 or self.group_size < 2:
+            raise ValueError(
+                "need passes, minibatches, prompts >= 1 and group_size >= 2, got "
+                f"{self.passes}, {self.minibatches}, {self.prompts}, {self.group_size}"
+            )
+        if self.prompts % self.minibatches != 0:
+            raise ValueError(
+                f"prompts ({self.prompts}) must be a multiple of minibatches ({self.minibatches}): "
+                "minibatches hold whole groups"
+            )
+
+    def with_clip(self, clip: ClipBounds) -> LabConfig:
+        return replace(self, clip=clip)
+
+    @property
+    def theorem_applies(self) -> bool:
+        """Whether the closed form is the expected first-order change of every inner step.
+
+        Theorems 1 and 2 average over samples that are independent of the current iterate pi_k. That
+        holds for PG and NPG when each minibatch is used once (one pass): its groups were not used to
+        move pi_k. From the second pass on, the clipped samples are the ones that moved the policy.
+        """
+        return self.optimiser in ("pg", "npg") and self.passes == 1
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    """Samples of one optimiser step, each ``[S, B]``; ``flat_actions`` = context * n + action."""
+
+    contexts: Tensor
+    flat_actions: Tensor
+    advantages: Tensor
+    logp_old: Tensor
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One rollout batch per seed: ``contexts`` ``[S, P]``; ``flat_actions``, ``advantages`` and
+    ``logp_old`` ``[S, P, G]``; ``orders`` ``[passes, S, P]``, the order of the groups in each pass."""
+
+    contexts: Tensor
+    flat_actions: Tensor
+    advantages: Tensor
+    logp_old: Tensor
+    orders: Tensor
+
+    def minibatches(self, count: int) -> Iterator[Minibatch]:
+        """The minibatches of all passes in order, ``count`` per pass, each of whole groups."""
+        seeds, prompts, group_size = self.flat_actions.shape
+        for order in self.orders:
+            index = order.unsqueeze(-1).expand(-1, -1, group_size)
+            contexts = self.contexts.gather(1, order).unsqueeze(-1).expand(-1, -1, group_size)
+            shuffled = [contexts] + [
+                x.gather(1, index) for x in (self.flat_actions, self.advantages, self.logp_old)
+            ]
+            for groups in range(0, prompts, prompts // count):
+                part = slice(groups, groups + prompts // count)
+                yield Minibatch(*(x[:, part].reshape(seeds, -1) for x in shuffled))
+
+
+def sample_batch(policy: SoftmaxState, config: LabConfig, generator: torch.Generator) -> Batch:
+    """Draw a rollout batch from the current policies (pi_old) of every seed."""
+    seeds, contexts_n, n = policy.shape
+    prompts, group_size = config.prompts, config.group_size
+    contexts = torch.randint(contexts_n, (seeds, prompts), generator=generator)
+    # Every context row draws prompts * group_size iid actions; prompt p of a seed takes the p-th group of
+    # its own context's draws, so prompts that share a context get disjoint, independent draws.
+    draws = torch.multinomial(
+        policy.probs.view(seeds * contexts_n, n), prompts * group_size, replacement=True, generator=generator
+    ).view(seeds, contexts_n, prompts, group_size)
+    actions = draws.gather(1, contexts.view(seeds, 1, prompts, 1).expand(-1, 1, -1, group_size)).squeeze(1)
+    sample_contexts = contexts.unsqueeze(-1).expand(-1, -1, group_size)
+    flat_actions = sample_contexts * n + actions
+    logp_old = policy.log_probs_at(flat_actions.reshape(seeds, -1), sample_contexts.reshape(seeds, -1))
+    advantages = config.reward.sample_advantages((seeds, prompts), group_size, generator, policy.logits.dtype)
+    orders = torch.rand(config.passes, seeds, prompts, generator=generator).argsort(-1)
+    return Batch(contexts, flat_actions, advantages, logp_old.view(seeds, prompts, group_size), orders)
+
+
+def surrogate_weights(
+    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip: ClipBounds
+) -> tuple[Tensor, SurrogateOutput]:
+    """Per-sample weights w = dJ/dlog pi(a) of each seed's mean clipped surrogate J, ``[S, B]``.
+
+    Rows are seeds; ``seq-mean-token-mean`` averages over the B samples of a row and then over the S
+    rows, so S times the gradient of the core's loss is minus each seed's own gradient.
+    """
+    leaf = logp_new.detach().requires_grad_(True)
+    out = clipped_surrogate(
+        leaf,
+        logp_old,
+        advantages,
+        torch.ones_like(leaf, dtype=torch.bool),
+        clip.eps_low,
+        clip.eps_high,
+        clip.dual_clip,
+        agg="seq-mean-token-mean",
+    )
+    (grad,) = torch.autograd.grad(out.loss, leaf)
+    return -grad.to(logp_new.dtype) * leaf.shape[0], out
+
+
+def make_optimiser(policy: SoftmaxState, config: LabConfig) -> torch.optim.Adam | None:
+    """The Adam state that ``adam`` steps need (None for pg and npg); one per independent run."""
+    if config.optimiser != "adam":
+        return None
+    policy.logits.grad = torch.zeros_like(policy.logits)
+    return torch.optim.Adam([policy.logits], lr=config.lr, fused=True)
+
+
+def ascend(
+    policy: SoftmaxState,
+    contexts: Tensor,
+    flat_actions: Tensor,
+    weights: Tensor,
+    config: LabConfig,
+    adam: torch.optim.Adam | None = None,
+    lr: float | None = None,
+) -> None:
+    """Take one optimiser step on sample weights ``weights`` ``[S, B]`` (npg touches only the sampled logits).
+
+    ``lr`` overrides ``config.lr`` for pg and npg, whose steps are linear in it (a negative value steps
+    backwards); Adam keeps the rate it was built with.
+    """
+    seeds, contexts_n, n = policy.shape
+    lr = config.lr if lr is None else lr
+    if config.optimiser == "npg":
+        probs = policy.log_probs_at(flat_actions, contexts).exp()
+        # a clipped sample (weight 0) of an action whose probability underflowed must not move: 0 / 0
+        natural = torch.where(weights != 0, weights / probs, 0.0)
+        policy.add_at(flat_actions, contexts, (lr * contexts_n) * natural)
+        return
+    context_weight = policy.logits.new_zeros(seeds, contexts_n).scatter_add_(1, contexts, weights)
+    if config.optimiser == "pg":
+        policy.logits.addcmul_(policy.probs, context_weight.unsqueeze(-1), value=-lr)
+        policy.logits.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, lr * weights)
+    else:
+        grad = policy.logits.grad
+        if adam is None or grad is None:
+            raise ValueError("the adam optimiser needs its state: see make_optimiser")
+        torch.mul(policy.probs, context_weight.unsqueeze(-1), out=grad)
+        grad.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, -weights)
+        adam.step()
+    policy.refresh()
+
+
+@dataclass(frozen=True)
+class ClipFractions:
+    """Fractions of samples clipped, averaged over the inner steps of an update (core's stats)."""
+
+    low: float
+    high: float
+    dual: float
+
+
+class StepObserver(Protocol):
+    """Hook called around every inner step of :func:`run_update` (e.g. ``theory.theorems.PathTheory``)."""
+
+    def before_step(self, policy: SoftmaxState) -> None: ...
+
+    def after_step(self, policy: SoftmaxState) -> None: ...
+
+
+def run_update(
+    policy: SoftmaxState,
+    batch: Batch,
+    config: LabConfig,
+    adam: torch.optim.Adam | None = None,
+    observer: StepObserver | None = None,
+) -> ClipFractions:
+    """Apply one update (all passes and minibatches of ``batch``) to ``policy`` in place."""
+    stats = []
+    for minibatch in batch.minibatches(config.minibatches):
+        logp_new = policy.log_probs_at(minibatch.flat_actions, minibatch.contexts)
+        weights, out = surrogate_weights(logp_new, minibatch.logp_old, minibatch.advantages, config.clip)
+        if observer is not None:
+            observer.before_step(policy)
+        ascend(policy, minibatch.contexts, minibatch.flat_actions, weights, config, adam)
+        if observer is not None:
+            observer.after_step(policy)
+        stats.append(out.stats)
+    if not bool(torch.isfinite(policy.log_norm).all()):
+        raise FloatingPointError(
+            f"the policy diverged (non-finite logits) under {config.optimiser} with lr={config.lr}: "
+            "lower the learning rate (npg moves log pi_a by about lr / pi_a for a rare action a)"
+        )
+    low, high, dual = (
+        sum(s[f"clip_ratio/{side}_mean"] for s in stats) / len(stats) for side in ("low", "high", "dual")
+    )
+    return ClipFractions(low, high, dual)
