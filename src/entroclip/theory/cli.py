@@ -129,7 +129,7 @@ class LabOptions:
 
     def config(self, eps_low: float | None = None, eps_high: float | None = None) -> LabConfig:
         """The update rule, with these clip bounds; bad combinations exit 2 with the reason."""
-        if self.lr is not None and not self.lr > 0:
+        if self.lr is not None and not 0 < self.lr < math.inf:
             raise typer.BadParameter(f"{self.lr} is not in the range (0, inf)", param_hint="'--lr'")
         if not 0.0 < self.p < 1.0:
             raise typer.BadParameter(f"{self.p} is not in the range (0, 1)", param_hint="'--p'")
@@ -147,8 +147,8 @@ class LabOptions:
         except ValueError as error:
             raise typer.BadParameter(str(error)) from None
 
-    def logits(self) -> torch.Tensor:
-        """Initial logits ``[contexts, n]``."""
+    def logits(self, generator: torch.Generator) -> torch.Tensor:
+        """Initial logits ``[contexts, n]`` (a Dirichlet policy draws from ``generator``)."""
         try:
             return initial_logits(
                 self.init,
@@ -156,7 +156,7 @@ class LabOptions:
                 self.contexts,
                 None if self.init == "uniform" else self.entropy,
                 dirichlet_alpha=self.dirichlet_alpha,
-                generator=torch.Generator().manual_seed(self.seed),
+                generator=generator,
                 dtype=getattr(torch, self.dtype),
             )
         except ValueError as error:
@@ -165,6 +165,7 @@ class LabOptions:
             ) from None
 
     def generator(self) -> torch.Generator:
+        """The experiment's one random stream: the initial policy first, then the simulation."""
         return torch.Generator().manual_seed(self.seed)
 
     def settings(self, config: LabConfig) -> dict[str, Any]:
@@ -325,9 +326,10 @@ def drift(
 ) -> None:
     """Expected entropy change of one update, its clip-low / clip-high effects and the closed form."""
     config = options.config(eps_low, eps_high)
-    logits = options.logits()
+    generator = options.generator()
+    logits = options.logits(generator)
     with lab_errors(), progress_bar("updates", 1 + len(counterfactuals(config.clip))) as advance:
-        estimate = estimate_drift(logits, config, options.seeds, options.generator(), advance)
+        estimate = estimate_drift(logits, config, options.seeds, generator, advance)
     result = {**estimate.to_dict(), "settings": options.settings(config)}
     if options.out is not None:
         flat = {key: value for key, value in result.items() if key != "settings"}
@@ -375,14 +377,15 @@ def trajectory(
 ) -> None:
     """Entropy over T updates: mean, 95% confidence band and seed band; Ineq. 7 along the way."""
     config = options.config(eps_low, eps_high)
-    logits = options.logits()
+    generator = options.generator()
+    logits = options.logits(generator)
     with lab_errors(), progress_bar("updates", updates) as advance:
         result = simulate_trajectory(
             logits,
             config,
             updates,
             options.seeds,
-            options.generator(),
+            generator,
             track_theory=track_theory,
             theory_seeds=theory_seeds,
             progress=advance,
@@ -488,12 +491,11 @@ def phase(
     eps_lows = parse_grid(eps_low_grid, "'--eps-low-grid'")
     eps_highs = parse_grid(eps_high_grid, "'--eps-high-grid'")
     config = options.config()
-    logits = options.logits()
+    generator = options.generator()
+    logits = options.logits(generator)
     cells = len(eps_lows) * len(eps_highs)
     with lab_errors(), progress_bar("grid cells", cells + 1) as advance:
-        diagram = phase_diagram(
-            logits, config, eps_lows, eps_highs, options.seeds, options.generator(), advance
-        )
+        diagram = phase_diagram(logits, config, eps_lows, eps_highs, options.seeds, generator, advance)
     cells_rows = [
         [low, high, diagram.drift[i, j].item(), diagram.stderr[i, j].item(), diagram.clip_effect[i, j].item()]
         for i, low in enumerate(eps_lows)
@@ -545,11 +547,11 @@ def balance(
     """The eps_low that holds entropy steady for each eps_high, checked on fresh seeds."""
     eps_highs = parse_bounds(eps_high, "'--eps-high'")
     config = options.config()
-    logits = options.logits()
+    generator = options.generator()
+    logits = options.logits(generator)
     per_search = scan_points + bisection_steps((0.0, 1.0 / (scan_points - 1)), tolerance) + 1
     results = []
     with lab_errors(), progress_bar("balance", per_search * len(eps_highs)) as advance:
-        generator = options.generator()
         for high in eps_highs:
             results.append(
                 balance_eps_low(
