@@ -1,0 +1,277 @@
+"""One full RL step (rollout + reward + mu-epoch update) of entroclip's Trainer against TRL's GRPOTrainer.
+
+Both sides: the built-in tiny-0.1m model (seed 0, the same initial weights), 2-digit addition prompts,
+16 prompts x group 8 = 128 completions per step, 6 new tokens, temperature 1, top-p 1, Bernoulli(0.5)
+rewards, no std scaling (Dr.GRPO advantages), eps 0.2/0.2, token-mean loss, no KL, 4 passes (entroclip
+``optim.epochs``, TRL ``num_iterations``) x 4 minibatches of 32 (``optim.minibatches``,
+``steps_per_generation``), i.e. 16 optimizer steps per RL step, AdamW (fused) lr 1e-4 constant, grad clip 1.
+
+entroclip: ``Trainer.train_step`` on configs/quick.yaml (its default diagnostics: probe entropy on 64 fixed
+sequences, clip attribution), and once more with the probe and attribution off. TRL: the wall time between
+the ends of every 16th optimizer step (one generation each) of ``GRPOTrainer.train``. Every side runs in
+fresh processes, alternated over rounds; the first RL step of each process is a warm-up and not counted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import harness
+
+NAME = "step"
+TITLE = "One full RL step: entroclip Trainer vs TRL GRPOTrainer"
+PROMPTS, GROUP, NEW_TOKENS, EPOCHS, MINIBATCHES = 16, 8, 6, 4, 4
+STEPS_PER_RL_STEP = EPOCHS * MINIBATCHES
+LEAN = ["diagnostics.probe_prompts=0", "diagnostics.attribution=false"]
+
+
+def trl_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("trl") is None:
+        return False, "trl not installed"
+    try:
+        import trl
+
+        return True, trl.__version__
+    except Exception as err:  # an installed but broken trl is reported, not fatal
+        return False, f"trl not importable ({type(err).__name__}: {err})"
+
+
+# ----- children ---------------------------------------------------------------------------------------
+def child_entroclip(steps: int, threads: int, lean: bool) -> dict[str, Any]:
+    from rich.console import Console
+
+    from entroclip.config import load_config
+    from entroclip.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [
+            f"run.out_dir={tmp}/run",
+            f"run.threads={threads}",
+            "run.tensorboard=false",
+            "run.checkpoint_every=0",
+            f"run.steps={steps}",
+            *(LEAN if lean else []),
+        ]
+        config = load_config(harness.REPO / "configs" / "quick.yaml", overrides)
+        trainer = Trainer(config, overwrite=True, console=Console(quiet=True))
+        times, parts = [], []
+        for step in range(1, steps + 1):
+            start = time.perf_counter()
+            metrics = trainer.train_step(step)
+            times.append(time.perf_counter() - start)
+            trainer.step = step
+            parts.append({k: metrics[k] for k in ("time/rollout_s", "time/reward_s", "time/update_s")})
+    return {"times": times, "parts": parts}
+
+
+def child_trl(steps: int, threads: int, checkpointing: bool) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    harness.pin_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, tokenizer = harness.builtin_policy("tiny-0.1m", Path(tmp) / "init_model", seed=0)
+        from entroclip.tasks import make_task
+
+        task = make_task("addition", digits=2)
+        prompts = [e.prompt for e in task.examples(PROMPTS * steps, seed=0)]
+        rng = random.Random(0)
+
+        def bernoulli_reward(completions: list[str], **_: Any) -> list[float]:
+            return [float(rng.random() < 0.5) for _ in completions]
+
+        ends: list[float] = []
+
+        class StepClock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                ends.append(time.perf_counter())
+
+            def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                if state.global_step % STEPS_PER_RL_STEP == 0:
+                    ends.append(time.perf_counter())
+
+        args = GRPOConfig(
+            output_dir=str(Path(tmp) / "trl"),
+            per_device_train_batch_size=PROMPTS * GROUP // MINIBATCHES,
+            gradient_accumulation_steps=1,
+            steps_per_generation=MINIBATCHES,
+            num_generations=GROUP,
+            num_iterations=EPOCHS,
+            max_completion_length=NEW_TOKENS,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=0.0,
+            epsilon=0.2,
+            epsilon_high=0.2,
+            loss_type="bnpo",
+            scale_rewards="none",
+            learning_rate=1e-4,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch_fused",
+            max_steps=STEPS_PER_RL_STEP * steps,
+            logging_steps=STEPS_PER_RL_STEP,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            dataloader_num_workers=0,
+            disable_tqdm=True,
+            log_completions=False,
+            gradient_checkpointing=checkpointing,
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=bernoulli_reward,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": prompts}),
+            processing_class=tokenizer,
+            callbacks=[StepClock()],
+        )
+        torch.set_num_threads(threads)
+        trainer.train()
+    return {"times": [b - a for a, b in itertools.pairwise(ends)]}
+
+
+def run_child(args: list[str], timeout: float = 3600) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-json", str(path), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(path.read_text())
+
+
+# ----- the benchmark -----------------------------------------------------------------------------------
+def run(quick: bool, threads: int) -> dict[str, Any]:
+    rounds, steps = (1, 3) if quick else (3, 6)  # steps per process, the first one a warm-up
+    has_trl, trl_info = trl_available()
+    sides = ["entroclip", "entroclip-lean", *(["trl", "trl-defaults"] if has_trl else [])]
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    parts: dict[str, list[dict[str, float]]] = {"entroclip": [], "entroclip-lean": []}
+    for _ in range(rounds):
+        for side in sides:
+            args = ["--side", side, "--steps", str(steps), "--threads", str(threads)]
+            out = run_child(args)
+            times[side].extend(out["times"][1:])
+            if side in parts:
+                parts[side].extend(out["parts"][1:])
+    labels = {
+        "entroclip": "entroclip Trainer.train_step (quick.yaml: probe entropy + attribution)",
+        "entroclip-lean": "entroclip, probe and attribution off",
+        "trl": f"TRL {trl_info} GRPOTrainer, gradient checkpointing off",
+        "trl-defaults": f"TRL {trl_info} GRPOTrainer, gradient checkpointing on (GRPOConfig's default)",
+    }
+    rows = []
+    for side in sides:
+        row = [labels[side], len(times[side]), harness.spread(times[side])]
+        if side in parts:
+            for key in ("time/rollout_s", "time/reward_s", "time/update_s"):
+                row.append(f"{1e3 * harness.median([p[key] for p in parts[side]]):.1f}")
+        else:
+            row += ["", "", ""]
+        if has_trl:
+            row.append(f"{harness.median(times[side]) / harness.median(times['trl']):.3f}")
+        rows.append(row)
+    header = [
+        "implementation",
+        "steps timed",
+        "RL step, ms median [min-max]",
+        "rollout ms",
+        "reward ms",
+        "update ms",
+    ]
+    if has_trl:
+        header.append("ratio to TRL")
+    table = harness.table(
+        f"{PROMPTS} prompts x {GROUP} completions, {NEW_TOKENS} new tokens, {EPOCHS} x {MINIBATCHES} "
+        f"minibatch steps, {threads} threads; {rounds} fresh process(es) per side, alternated",
+        header,
+        rows,
+    )
+    data = {"times": times, "parts": parts, "trl": trl_info}
+    if not has_trl:
+        prose = (
+            f"skipped: {trl_info} (the entroclip rows are measured; the TRL comparison needs "
+            "`pip install trl`)."
+        )
+        goals = [harness.goal("entroclip step <= 0.5 x TRL", f"skipped: {trl_info}", None)]
+        return harness.result(NAME, TITLE, quick, threads, [table], goals, prose, data=data)
+    t = {side: harness.median(v) for side, v in times.items()}
+    ratio, lean, vs_defaults = (
+        t["entroclip"] / t["trl"],
+        t["entroclip-lean"] / t["trl"],
+        t["entroclip"] / t["trl-defaults"],
+    )
+    goals = [
+        harness.goal(
+            "entroclip median RL step <= 0.5 x TRL's (both without gradient checkpointing)",
+            f"{ratio:.3f} (probe and attribution off: {lean:.3f}; vs TRL's defaults: {vs_defaults:.3f})",
+            ratio <= 0.5,
+        )
+    ]
+    update_ms = 1e3 * harness.median([p["time/update_s"] for p in parts["entroclip"]])
+    prose = (
+        "Both sides sample with Hugging Face `generate` (KV cache) and take the same 16 clipped minibatch "
+        "steps on the same model. entroclip's step also computes the old log-probs and rollout entropy in "
+        "one "
+        "forward pass, the probe entropy after the update, and the clip attribution; TRL's computes old "
+        "log-probs and entropies and its logging. TRL's `GRPOConfig` turns gradient checkpointing on by "
+        "default (a second forward pass in every backward); the goal is judged against TRL with it off, the "
+        f"faster and like-for-like setting. entroclip's median step is {ratio:.2f}x TRL's "
+        f"(goal <= 0.5: {'met' if ratio <= 0.5 else 'missed'}), {vs_defaults:.2f}x TRL with its defaults, "
+        "and "
+        f"{lean:.2f}x with the probe and attribution off. Of entroclip's step, {update_ms:.0f} ms are the 16 "
+        "minibatch steps of the update (see the flops section for where their time goes)."
+    )
+    return harness.result(NAME, TITLE, quick, threads, [table], goals, prose, data=data)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--side", choices=["entroclip", "entroclip-lean", "trl", "trl-defaults"], help=argparse.SUPPRESS
+    )
+    parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    harness.pin_threads(args.threads)
+    if args.child_json is not None:
+        if args.side.startswith("trl"):
+            out = child_trl(args.steps, args.threads, checkpointing=args.side == "trl-defaults")
+        else:
+            out = child_entroclip(args.steps, args.threads, lean=args.side == "entroclip-lean")
+        harness.write_json_atomic(args.child_json, out)
+        return
+    out = run(args.quick, args.threads)
+    if args.json is not None:
+        harness.write_json_atomic(args.json, out)
+    else:
+        print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""A realistic update batch (configs/quick.yaml's shape) for the update-step benchmarks, and a bare PPO
+update to compare ``run_update`` with.
+
+quick.yaml: 16 prompts x group 8 = 128 sequences, 6 new tokens, Dr.GRPO advantages of Bernoulli(0.5)
+rewards, eps 0.2/0.2, token-mean, 4 epochs x 4 minibatches, AdamW lr 1e-4 (fused), grad clip 1.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from entroclip.advantages import group_advantages
+from entroclip.policy.sampling import response_logits, sample, token_logprobs
+from entroclip.update import UpdateBatch, UpdateSettings, minibatch_indices, run_update
+
+PROMPTS, GROUP, NEW_TOKENS, EPOCHS, MINIBATCHES, LR = 16, 8, 6, 4, 4, 1e-4
+
+
+def quick_settings(attribution: bool = True, max_len: int = NEW_TOKENS) -> UpdateSettings:
+    return UpdateSettings(
+        eps_low=0.2,
+        eps_high=0.2,
+        dual_clip=None,
+        agg="token-mean",
+        max_len=max_len,
+        temperature=1.0,
+        epochs=EPOCHS,
+        minibatches=MINIBATCHES,
+        grad_clip=1.0,
+        attribution=attribution,
+    )
+
+
+def make_batch(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, seed: int = 0) -> UpdateBatch:
+    """Rollout with ``entroclip.policy.sampling.sample``, Bernoulli(0.5) rewards, Dr.GRPO advantages,
+    old log-probs from the training-time forward pass (as the trainer's ``collect``)."""
+    rollout = sample(model, tokenizer, prompts, new_tokens, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    rewards = torch.bernoulli(torch.full((len(prompts),), 0.5), generator=generator)
+    advantages = group_advantages(rewards, GROUP, "drgrpo")
+    with torch.no_grad():
+        logp_old = token_logprobs(response_logits(model, rollout, 1.0), rollout.responses)
+    return UpdateBatch(rollout, advantages, logp_old)
+
+
+@dataclass
+class UpdateRig:
+    """A model, its initial weights and a batch; ``reset()`` restores weights and makes a fresh optimizer
+    so that every timed update starts from the same state."""
+
+    model: Any
+    batch: UpdateBatch
+    initial: dict[str, torch.Tensor]
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    @classmethod
+    def create(cls, model: Any, batch: UpdateBatch) -> UpdateRig:
+        return cls(model, batch, copy.deepcopy(model.state_dict()))
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.initial)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+
+    def update(self, settings: UpdateSettings) -> None:
+        assert self.optimizer is not None and self.scheduler is not None
+        run_update(self.model, self.optimizer, self.scheduler, self.batch, settings, shuffle_seed=0)
+
+    def bare_update(self, settings: UpdateSettings) -> None:
+        """The same minibatch steps with a minimal clipped loss and no diagnostics or statistics."""
+        assert self.optimizer is not None and self.scheduler is not None
+        bare_update(self.model, self.optimizer, self.scheduler, self.batch, settings)
+
+
+def bare_update(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch: UpdateBatch,
+    settings: UpdateSettings,
+) -> None:
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    eps_low = settings.eps_low if settings.eps_low is not None else 1.0
+    eps_high = settings.eps_high if settings.eps_high is not None else math.inf
+    for _ in range(settings.epochs):
+        for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
+            mb = batch.select(index)
+            mask = mb.rollout.response_mask.float()
+            logits = response_logits(model, mb.rollout, settings.temperature)
+            logp = token_logprobs(logits, mb.rollout.responses)
+            ratio = torch.exp(logp - mb.logp_old)
+            adv = mb.advantages[:, None]
+            per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+            loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or math.inf)
+            optimizer.step()
+            scheduler.step()
