@@ -128,7 +128,7 @@ def _read_parquet(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         import pyarrow.parquet as pq
     except ImportError as e:
         raise ImportError(
-            f"reading {path} needs the pyarrow package, which is not installed: pip install 'entroclip[parquet]'"
+            f"reading {path} needs the pyarrow package: pip install 'entroclip[parquet]'"
         ) from e
     for index, row in enumerate(pq.read_table(path).to_pylist(), start=1):
         yield f"{path} row {index}", row
