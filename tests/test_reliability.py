@@ -354,6 +354,7 @@ BAD_CONFIGS = [
     (["loss.dual_clip=1"], "loss.dual_clip", "greater than 1"),
     (["rollout.top_p=1.5"], "rollout.top_p", "less than or equal to 1"),
     (["model.dtype=float16"], "model.dtype", "'float32' or 'bfloat16'"),
+    (["run.parallel=zero3"], "run.parallel", "'ddp' or 'fsdp'"),
     (["loss.eps_low.max=1"], "loss.eps_low", "is not a section"),
     (["run.steps"], "--set", "key=value"),
 ]

@@ -215,6 +215,11 @@ class RunConfig(Section):
     threads: int = Field(
         1, ge=1, le=256, description="torch CPU threads (results are exact per thread count)"
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="under torchrun: ddp keeps a whole model on every rank; fsdp shards parameters, "
+        "gradients and optimizer state over the ranks (FSDP2), for models that do not fit one device",
+    )
     tensorboard: bool = Field(True, description="write TensorBoard events")
     wandb_project: str | None = Field(None, description="log to this Weights & Biases project if installed")
 

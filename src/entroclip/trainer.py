@@ -35,7 +35,14 @@ from entroclip.advantages import gae, group_advantages, masked_whiten
 from entroclip.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, save_checkpoint
 from entroclip.config import Config, ConfigError, dump_config
 from entroclip.control import CLIP_COV_FRACTION, KL_COV_FRACTION, ControlAction, make_controller
-from entroclip.distributed import DistContext
+from entroclip.distributed import (
+    DistContext,
+    full_optimizer_state,
+    full_state_dict,
+    load_full_state_dict,
+    load_optimizer_state,
+    shard_module,
+)
 from entroclip.entropy import token_entropy
 from entroclip.logging import MetricsLogger
 from entroclip.objectives import kl_penalty
@@ -177,12 +184,13 @@ class Trainer:
         self._check_distributed()
         self._prepare_run_dir(resume, overwrite)
         self.fingerprint = config_fingerprint(config)
+        self.sharded = config.run.parallel == "fsdp" and self.ctx.enabled
         self.model, self.tokenizer = self._load_initial_policy()
-        self.model.to(self.ctx.device)
         self.ref_model = self._frozen_copy(self.model) if config.loss.kl.coef > 0 else None
         self.value_head = ValueHead(self.model.config.hidden_size) if config.advantage.kind == "gae" else None
-        if self.value_head is not None:
-            self.value_head.to(self.ctx.device)
+        for module in (self.model, self.ref_model, self.value_head):
+            if module is not None:
+                self._place(module)
         params = self._trainable_parameters(self.model, self.value_head)
         # weights and the two AdamW moments, plus room for metrics and events
         check_free_space(self.run_dir, 3 * sum(p.numel() * p.element_size() for p in params) + 2**20)
@@ -256,9 +264,16 @@ class Trainer:
         if self.config.model.gguf_file is not None:
             raise ConfigError("rollout.backend=vllm needs model.path or model.builtin, not model.gguf_file")
 
+    def _place(self, module: torch.nn.Module) -> None:
+        """Move ``module`` to this rank's device, or shard it over the ranks (``run.parallel: fsdp``)."""
+        if self.sharded:
+            shard_module(module, self.ctx)
+        else:
+            module.to(self.ctx.device)
+
     def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` wrapped in DistributedDataParallel when there are several ranks."""
-        if not self.ctx.enabled:
+        """``module`` wrapped in DistributedDataParallel when there are several ranks (unless sharded)."""
+        if not self.ctx.enabled or self.sharded:
             return module
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
@@ -315,7 +330,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": full_optimizer_state(self.optimizer, self.ctx),
             "scheduler": self.scheduler.state_dict(),
             "consecutive_skips": self.consecutive_skips,
             "controller": self.controller.state_dict(),
@@ -323,20 +338,21 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        """Checkpoint the current state (rank 0 writes; every rank holds the same state)."""
+        """Checkpoint the current state: every rank takes part in gathering it whole, rank 0 writes."""
+        weights = full_state_dict(self.model)
+        if self.value_head is not None:
+            weights.update({VALUE_PREFIX + k: v for k, v in full_state_dict(self.value_head).items()})
+        state = self._state()
         if not self.ctx.is_main:
             return self.run_dir / CHECKPOINT_DIR
-        weights = dict(self.model.state_dict())
-        if self.value_head is not None:
-            weights.update({VALUE_PREFIX + k: v for k, v in self.value_head.state_dict().items()})
-        return save_checkpoint(self.run_dir, self.step, weights, self._state(), self.fingerprint)
+        return save_checkpoint(self.run_dir, self.step, weights, state, self.fingerprint)
 
     def _restore(self) -> None:
         ckpt = latest_checkpoint(self.run_dir, self.fingerprint)
         if ckpt is None:
             return
         model_weights = {k: v for k, v in ckpt.weights.items() if not k.startswith(VALUE_PREFIX)}
-        result = self.model.load_state_dict(model_weights, strict=False)
+        result = load_full_state_dict(self.model, model_weights, strict=False)
         if result.unexpected_keys or set(result.missing_keys) - set(ckpt.state["tied_weights"]):
             raise CheckpointError(
                 f"{ckpt.path}: weights do not fit the model (missing {result.missing_keys}, "
@@ -346,8 +362,8 @@ class Trainer:
             head = {
                 k.removeprefix(VALUE_PREFIX): v for k, v in ckpt.weights.items() if k.startswith(VALUE_PREFIX)
             }
-            self.value_head.load_state_dict(head)
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
+            load_full_state_dict(self.value_head, head, strict=True)
+        load_optimizer_state(self.optimizer, ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         self.step = ckpt.state["step"]
         self.consecutive_skips = ckpt.state["consecutive_skips"]
@@ -382,24 +398,17 @@ class Trainer:
 
     def _load_or_make_probe(self) -> Rollout | None:
         """The fixed probe set: prompts with continuations sampled once from the initial policy, written
-        by rank 0 to ``RUN/probe.safetensors`` and read from there by every rank (and on resume)."""
+        by rank 0 to ``RUN/probe.safetensors`` and read from there by every rank (and on resume). A
+        sharded policy samples on every rank, since its forward pass is a collective."""
         d = self.config.diagnostics
         if d.probe_prompts == 0:
             return None
         path = self.run_dir / PROBE_FILE
-        if self.ctx.is_main and not path.is_file():
+        if self.ctx.broadcast_flag(not path.is_file()) and (self.ctx.is_main or self.sharded):
             seed = derive_seed(self.config.run.seed, 0, "probe")
             probe = self._sample(self.task.eval_examples(d.probe_prompts, seed=seed), d.probe_samples, seed)
-            tensors = {
-                "input_ids": probe.input_ids,
-                "attention_mask": probe.attention_mask,
-                "response_mask": probe.response_mask.to(torch.uint8),
-                "logp": probe.sampler_logp,
-                "prompt_len": torch.tensor(probe.prompt_len),
-            }
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
-            tmp.replace(path)
+            if self.ctx.is_main:
+                _write_probe(probe, path)
         self.ctx.barrier()
         t = {k: v.to(self.ctx.device) for k, v in load_file(str(path)).items()}
         mask = t["response_mask"].bool()
@@ -586,7 +595,7 @@ class Trainer:
             if counterfactual is not None:
                 metrics["entropy/cf_effect_low"] = probe_after - counterfactual["no_low"]
                 metrics["entropy/cf_effect_high"] = probe_after - counterfactual["no_high"]
-        if c.eval.every and step % c.eval.every == 0 and self.ctx.is_main:
+        if c.eval.every and step % c.eval.every == 0 and (self.ctx.is_main or self.sharded):
             metrics.update(self.evaluate(step))
         t3 = time.perf_counter()
         metrics["time/update_s"] = t2 - t1
@@ -672,6 +681,20 @@ def _configured(section: str, build: Callable[[], T]) -> T:
         return build()
     except (ValueError, TypeError, OSError, ImportError) as err:
         raise ConfigError(f"{section}: {err}") from None
+
+
+def _write_probe(probe: Rollout, path: Path) -> None:
+    """Write the probe set to ``path`` atomically."""
+    tensors = {
+        "input_ids": probe.input_ids,
+        "attention_mask": probe.attention_mask,
+        "response_mask": probe.response_mask.to(torch.uint8),
+        "logp": probe.sampler_logp,
+        "prompt_len": torch.tensor(probe.prompt_len),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
 
 
 def _progress_info(m: dict[str, float]) -> str:

@@ -195,8 +195,8 @@ def run_update(
 
     A step whose loss or gradient is not finite is skipped (no parameter or optimizer change). With a
     ``value_head`` (PPO), its clipped value loss is added with weight ``settings.value_coef``. Under data
-    parallelism (``ctx``), ``model`` is the DDP-wrapped policy and the batch is this rank's share; the
-    returned stats are this rank's (see :meth:`UpdateStats.reduced`).
+    parallelism (``ctx``), ``model`` is the DDP-wrapped (or FSDP-sharded) policy and the batch is this
+    rank's share; the returned stats are this rank's (see :meth:`UpdateStats.reduced`).
     """
     stats = UpdateStats()
     generator = torch.Generator().manual_seed(shuffle_seed)

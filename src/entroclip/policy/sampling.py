@@ -13,6 +13,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from entroclip.distributed import is_sharded
+
 
 @dataclass
 class Rollout:
@@ -66,7 +68,9 @@ def sample(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> Rollout:
-    """Sample one response per prompt (repeat prompts for groups), with a KV cache, seeded."""
+    """Sample one response per prompt (repeat prompts for groups), with a KV cache, seeded.
+
+    A sharded (FSDP) model keeps decoding until every rank is done, as each step is a collective."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
@@ -85,6 +89,7 @@ def sample(
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=is_sharded(model),
         )
     model.train(was_training)
     prompt_len = enc["input_ids"].shape[1]

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from entroclip.distributed import full_tensors
 from entroclip.policy.sampling import Rollout, response_mask_from
 
 
@@ -49,9 +50,9 @@ class VLLMSampler:
         )
 
     def sync_weights(self, model: PreTrainedModel) -> None:
-        """Load the trainer's current weights into the engine."""
+        """Load the trainer's current weights into the engine (when sharded, every rank must call it)."""
         engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights(model.state_dict().items())
+        engine_model.load_weights(full_tensors(model))
 
     def sample(
         self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, seed: int
