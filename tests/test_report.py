@@ -13,6 +13,7 @@ from entroclip.report import (
     compare_settings,
     describe,
     ema,
+    hold_error,
     plot_runs,
     plot_study,
     run_stats,
@@ -279,6 +280,30 @@ def test_summarize_study_by_hand(tmp_path):
     assert 0 < expected < 0.1
 
 
+def test_hold_error_and_pass_at_1_test(tmp_path):
+    """Controller runs: the largest relative distance from the target after warm-up, seeds within 10%."""
+    runs = []
+    for seed, (late_entropy, pass1) in enumerate([(0.95, 0.3), (1.05, 0.4), (1.3, 0.5)]):
+        run = make_run(tmp_path, f"ctl/s{seed}", seed=seed, steps=4, eval_every=4)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            row.update({"control/target": 1.0, "entropy/rollout": 2.0 if row["step"] <= 2 else late_entropy})
+            if "eval/pass@1" in row:
+                row["eval/pass@1"] = pass1
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    assert hold_error(read_metrics(runs[0]), after=2) == pytest.approx(0.05)
+    assert hold_error(read_metrics(runs[0]), after=1) == pytest.approx(1.0)
+    assert hold_error(read_metrics(make_run(tmp_path, "static")), after=0) is None
+    base = [make_run(tmp_path, f"base/s{seed}", seed=seed, steps=4, eval_every=4) for seed in range(3)]
+    by = {e["label"]: e for e in summarize_study({"ctl": runs, "base": base}, baseline="base", hold_after=2)}
+    ctl = by["ctl"]
+    assert ctl["hold_error"] == pytest.approx((0.05 + 0.05 + 0.3) / 3) and ctl["hold_within"] == 2
+    assert by["base"]["hold_within"] is None and by["base"]["pass1_final"] == pytest.approx(0.2)
+    assert ctl["pass1_final"] == pytest.approx(0.4)
+    assert ctl["pass1_final_p"] == pytest.approx(welch_test([0.3, 0.4, 0.5], [0.2, 0.2, 0.2]).p)
+
+
 def test_study_rejects_mixed_bounds_and_unknown_baseline(tmp_path):
     groups = {"mixed": [make_run(tmp_path, "a"), make_run(tmp_path, "b", eps_low=0.1)]}
     with pytest.raises(ValueError, match="'mixed' mixes clip bounds"):
@@ -291,7 +316,12 @@ def test_study_report_and_plots(tmp_path):
     groups = make_study(tmp_path / "runs")
     out = tmp_path / "study"
     paths = plot_study(groups, out / "alt", smooth=0.3)
-    assert sorted(p.name for p in paths) == ["clip_fractions.png", "probe_entropy.png"]
+    assert sorted(p.name for p in paths) == [
+        "clip_fractions.png",
+        "probe_entropy.png",
+        "reward.png",
+        "rollout_entropy.png",
+    ]
     report = write_study_report(groups, out, title="Clip study", baseline="standard")
     text = report.read_text()
     summary = json.loads((out / "summary.json").read_text())
@@ -299,8 +329,11 @@ def test_study_report_and_plots(tmp_path):
     assert summary[0]["eps_low"] is None
     assert "| seeds | entropy start | entropy end | entropy change | p vs standard | clip-low |" in text
     ci = 4.303 * math.sqrt(0.07 / 3)
-    assert f"| standard | 0.2 | 0.2 | 3 | 2 ± 0 | 2.3 ± {ci:.2g} | 0.3 ± {ci:.2g} | baseline |" in text
-    assert "| clip-high only | off | 0.2 | 3 |" in text
+    assert f"| standard | n/a | 0.2 | 0.2 | 3 | 2 ± 0 | 2.3 ± {ci:.2g} | 0.3 ± {ci:.2g} | baseline |" in text
+    assert "| clip-high only | n/a | off | 0.2 | 3 |" in text
+    outcome = "| setting | rollout entropy end | final reward | pass@1 final | p vs standard | pass@k final |"
+    assert outcome in text
+    assert "| standard | 2.4 ± " in text and "| 0.6 ± 0 | n/a | baseline | n/a | n/a |" in text
     for rel in ("plots/probe_entropy.png", "plots/clip_fractions.png"):
         assert f"]({rel})" in text
         assert_png(out / rel)

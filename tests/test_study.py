@@ -52,6 +52,14 @@ def test_sweep_end_to_end(tmp_path):
     assert (out / "report.md").is_file() and (out / "plots" / "probe_entropy.png").is_file()
     assert len(list((out / "eps_high=null").glob("seed*/metrics.jsonl"))) == 2
 
+    # an interrupted or extended study continues from the runs' checkpoints instead of starting over
+    first = (out / "eps_high=null" / "seed1" / "metrics.jsonl").read_text().splitlines()
+    longer = [*args, "--set", "run.steps=3", "--resume"]
+    result = CliRunner().invoke(app, longer)
+    assert result.exit_code == 0, result.output
+    again = (out / "eps_high=null" / "seed1" / "metrics.jsonl").read_text().splitlines()
+    assert again[:2] == first and json.loads(again[2])["step"] == 3
+
 
 def test_sweep_bad_input_exits_2(tmp_path):
     runner = CliRunner()

@@ -136,6 +136,13 @@ def sweep(
     baseline: Annotated[
         str | None, typer.Option(help="label of the setting others are tested against")
     ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="continue runs already in --out from their checkpoints (finished runs are kept)"),
+    ] = False,
+    hold_after: Annotated[
+        int, typer.Option(min=0, help="steps before a controller's hold error counts (warm-up)")
+    ] = 20,
 ) -> None:
     """Run a grid of settings x seeds, then write summary.json, report.md and overlaid plots."""
     from entroclip.config import ConfigError, load_config
@@ -152,8 +159,11 @@ def sweep(
         plan = plan_runs(load_config(config, list(set_ or [])), settings, list(range(seeds)), out)
     except (ConfigError, ValueError) as err:
         raise fail(str(err)) from None
-    groups = run_study(plan, workers=workers, console=console)
-    console.print(f"report: {write_study_report(groups, out, title=f'Sweep of {config}', baseline=baseline)}")
+    groups = run_study(plan, workers=workers, console=console, resume=resume)
+    report = write_study_report(
+        groups, out, title=f"Sweep of {config}", baseline=baseline, hold_after=hold_after
+    )
+    console.print(f"report: {report}")
 
 
 @app.command()

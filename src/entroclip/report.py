@@ -162,12 +162,31 @@ _MEANS = {
 }
 
 
-def run_stats(rows: Rows) -> dict[str, float | None]:
+#: Steps a controller gets to reach its target before ``hold_error`` counts (the study's warm-up).
+HOLD_AFTER = 20
+#: Relative distance from the target within which a run counts as holding it.
+HOLD_TOLERANCE = 0.1
+
+
+def hold_error(rows: Rows, after: int = HOLD_AFTER) -> float | None:
+    """Largest relative distance ``|H - target| / target`` of the rollout entropy H from the controller's
+    ``control/target`` over the steps after ``after``; None for a run without a target (or no such steps)."""
+    target_steps, target = metric_series(rows, "control/target")
+    entropy_steps, entropy = metric_series(rows, "entropy/rollout")
+    keep = (target_steps > after) & (target > 0) & np.isin(target_steps, entropy_steps)
+    if not keep.any():
+        return None
+    h = entropy[np.isin(entropy_steps, target_steps[keep])]
+    return float(np.max(np.abs(h - target[keep]) / target[keep]))
+
+
+def run_stats(rows: Rows, hold_after: int = HOLD_AFTER) -> dict[str, float | None]:
     """Summary numbers of one run (None where its metrics are missing).
 
     ``entropy_start``/``entropy_end``: probe entropy before the first and after the last update;
     ``rollout_start``/``rollout_end``: rollout entropy at the first and last step; ``clip_*``/``effect_*``:
-    means over steps; ``reward_final``: the last ``reward/mean``; ``passk_best`` and its step.
+    means over steps; ``reward_final``: the last ``reward/mean``; ``pass1_final``/``passk_final``: the last
+    evaluation; ``passk_best`` and its step; ``hold_error``: see :func:`hold_error`.
     """
 
     def pick(name: str, how: Callable[[np.ndarray, np.ndarray], float]) -> float | None:
@@ -185,6 +204,9 @@ def run_stats(rows: Rows) -> dict[str, float | None]:
         "rollout_end": pick("entropy/rollout", last),
         **{key: pick(name, lambda s, v: v.mean()) for key, name in _MEANS.items()},
         "reward_final": pick("reward/mean", last),
+        "pass1_final": pick("eval/pass@1", last),
+        "passk_final": pick("eval/pass@k", last),
+        "hold_error": hold_error(rows, hold_after),
         "passk_best": pick("eval/pass@k", lambda s, v: v.max()),
         "passk_best_step": pick("eval/pass@k", lambda s, v: s[v.argmax()]),
         "passk_k": pick("eval/k", last),
@@ -291,12 +313,57 @@ STUDY_PANELS = (
         "the first update, step s the policy after update s.",
     ),
     Panel(
+        "rollout_entropy",
+        "Rollout entropy per setting",
+        "entropy (nats)",
+        (("rollout entropy", _metric("entropy/rollout")),),
+        "Rollout entropy (exact, full vocabulary, at the sampling temperature, {temperature}) of the policy "
+        "that sampled each step's batch, over its response tokens; the quantity the controllers hold. Mean "
+        "over seeds (line), one standard deviation across seeds (band).",
+    ),
+    Panel(
         "clip_fractions",
         "Clip fractions per setting",
         "fraction of response tokens",
         (("clip-low", _metric("clip_ratio/low_mean")), ("clip-high", _metric("clip_ratio/high_mean"))),
         "Sign-gated clip-low and clip-high fractions of the update's response tokens: mean over seeds (line) "
         "and one standard deviation across seeds (band).",
+    ),
+    Panel(
+        "reward",
+        "Reward per setting",
+        "mean reward",
+        (("reward", _metric("reward/mean")),),
+        "Mean reward of each step's rollout batch: mean over seeds (line), one standard deviation (band).",
+    ),
+    Panel(
+        "pass_at_1",
+        "Held-out pass@1 per setting",
+        "pass@1",
+        (("pass@1", _metric("eval/pass@1")),),
+        "pass@1 on held-out prompts at the evaluation steps: mean over seeds, one standard deviation (band).",
+    ),
+    Panel(
+        "pass_at_k",
+        "Held-out pass@k per setting",
+        "pass@k",
+        (("pass@k", _metric("eval/pass@k")),),
+        "Unbiased pass@k on held-out prompts at the evaluation steps: mean over seeds, one standard "
+        "deviation across seeds (band).",
+    ),
+    Panel(
+        "eps_low",
+        "eps_low per setting",
+        "eps_low",
+        (("eps_low", _metric("control/eps_low")),),
+        "The clip-low bound each step's update used (moved by the clip_low controller, fixed otherwise).",
+    ),
+    Panel(
+        "entropy_coef",
+        "Entropy-bonus coefficient per setting",
+        "coefficient",
+        (("entropy coef", _metric("control/entropy_coef")),),
+        "The entropy-bonus coefficient each step's update used (adapted by the entropy_bonus controller).",
     ),
 )
 
@@ -519,7 +586,14 @@ SUMMARY_KEYS = (
     "clip_high",
     "effect_low",
     "effect_high",
+    "rollout_end",
+    "reward_final",
+    "pass1_final",
+    "passk_final",
+    "hold_error",
 )
+#: Per-seed quantities tested against the baseline setting (Welch), reported as ``<key>_p``.
+TESTED_KEYS = ("entropy_change", "pass1_final")
 
 
 def _load_groups(groups: Mapping[str, Sequence[str | Path]]) -> dict[str, list[Run]]:
@@ -536,10 +610,12 @@ def _values(stats: Sequence[Mapping[str, float | None]], key: str) -> list[float
     return [v for s in stats if (v := s[key]) is not None]
 
 
-def _summarize(loaded: Mapping[str, Sequence[Run]], baseline: str | None) -> list[dict[str, Any]]:
+def _summarize(
+    loaded: Mapping[str, Sequence[Run]], baseline: str | None, hold_after: int
+) -> list[dict[str, Any]]:
     if baseline is not None and baseline not in loaded:
         raise ValueError(f"baseline {baseline!r} is not one of the settings {list(loaded)}")
-    stats = {label: [run_stats(r.rows) for r in runs] for label, runs in loaded.items()}
+    stats = {label: [run_stats(r.rows, hold_after) for r in runs] for label, runs in loaded.items()}
     summary = []
     for label, runs in loaded.items():
         bounds = {
@@ -557,27 +633,31 @@ def _summarize(loaded: Mapping[str, Sequence[Run]], baseline: str | None) -> lis
             "n_seeds": len(runs),
             "seeds": [config_value(r.config, "run.seed") for r in runs],
             "runs": [str(r.path) for r in runs],
+            "control": config_value(runs[0].config, "control.kind"),
         }
         for key in SUMMARY_KEYS:
             mean, std, ci95 = describe(_values(stats[label], key))
             entry.update({key: mean, f"{key}_std": std, f"{key}_ci95": ci95})
-        entry["entropy_change_p"] = None
-        if baseline is not None and label != baseline:
-            changes, base = (_values(stats[k], "entropy_change") for k in (label, baseline))
-            entry["entropy_change_p"] = welch_test(changes, base).p
+        errors = _values(stats[label], "hold_error")
+        entry["hold_within"] = sum(e <= HOLD_TOLERANCE for e in errors) if errors else None
+        for key in TESTED_KEYS:
+            entry[f"{key}_p"] = None
+            if baseline is not None and label != baseline:
+                entry[f"{key}_p"] = welch_test(_values(stats[label], key), _values(stats[baseline], key)).p
         summary.append(entry)
     return summary
 
 
 def summarize_study(
-    groups: Mapping[str, Sequence[str | Path]], baseline: str | None = None
+    groups: Mapping[str, Sequence[str | Path]], baseline: str | None = None, hold_after: int = HOLD_AFTER
 ) -> list[dict[str, Any]]:
-    """One object per setting: clip bounds (None: not clipped), seeds, and for each of ``SUMMARY_KEYS``
-    the mean over seeds, ``*_std`` and ``*_ci95`` (95% t-interval half-width); ``entropy_change_p`` is
-    the two-sided Welch p-value of the per-seed entropy change against ``baseline`` (None for the baseline
-    itself, without a baseline, or where undefined).
+    """One object per setting: clip bounds (None: not clipped), control kind, seeds, and for each of
+    ``SUMMARY_KEYS`` the mean over seeds, ``*_std`` and ``*_ci95`` (95% t-interval half-width);
+    ``hold_within``: seeds whose ``hold_error`` (after step ``hold_after``) is at most ``HOLD_TOLERANCE``
+    (None without a controller target); ``<key>_p`` for ``TESTED_KEYS``: the two-sided Welch p-value of
+    the per-seed values against ``baseline`` (None for the baseline itself, without one, or where undefined).
     """
-    return _summarize(_load_groups(groups), baseline)
+    return _summarize(_load_groups(groups), baseline, hold_after)
 
 
 def compare_settings(a: Sequence[str | Path], b: Sequence[str | Path]) -> WelchResult:
@@ -599,47 +679,82 @@ def write_study_report(
     title: str | None = None,
     baseline: str | None = None,
     smooth: float = 0.0,
+    hold_after: int = HOLD_AFTER,
 ) -> Path:
     """Write ``summary.json`` (``summarize_study``), ``plots/*.png`` and ``report.md`` into ``out_dir``."""
     out_dir = Path(out_dir)
     loaded = _load_groups(groups)
-    summary = _summarize(loaded, baseline)
+    summary = _summarize(loaded, baseline, hold_after)
     atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2, allow_nan=False) + "\n")
     drawn = _plot_panels(STUDY_PANELS, loaded, out_dir / PLOTS_DIR, smooth)
 
     def eps(value: float | None) -> str:
         return "off" if value is None else _fmt(value)
 
-    def p_cell(entry: dict[str, Any]) -> str:
-        p = entry["entropy_change_p"]
+    def p_cell(entry: dict[str, Any], key: str) -> list[str]:
+        if baseline is None:
+            return []
+        p = entry[f"{key}_p"]
         if entry["label"] == baseline:
-            return "baseline"
-        return "n/a" if p is None else "< 0.001" if p < 1e-3 else f"{p:.3f}"
+            return ["baseline"]
+        return ["n/a" if p is None else "< 0.001" if p < 1e-3 else f"{p:.3f}"]
 
-    header = ["setting", "eps_low", "eps_high", "seeds", "entropy start", "entropy end", "entropy change"]
-    header += [f"p vs {baseline}"] if baseline is not None else []
-    header += ["clip-low", "clip-high", "effect_low", "effect_high"]
-    rows = [
-        [e["label"], eps(e["eps_low"]), eps(e["eps_high"]), str(e["n_seeds"])]
-        + [_pm(e[k], e[f"{k}_ci95"]) for k in SUMMARY_KEYS[:3]]
-        + ([p_cell(e)] if baseline is not None else [])
-        + [_pm(e[k], e[f"{k}_ci95"]) for k in SUMMARY_KEYS[3:]]
+    def cells(entry: dict[str, Any], keys: Sequence[str]) -> list[str]:
+        return [_pm(entry[k], entry[f"{k}_ci95"]) for k in keys]
+
+    p_head = [f"p vs {baseline}"] if baseline is not None else []
+    entropy_head = ["setting", "control", "eps_low", "eps_high", "seeds"]
+    entropy_head += ["entropy start", "entropy end", "entropy change", *p_head]
+    entropy_head += ["clip-low", "clip-high", "effect_low", "effect_high"]
+    entropy_rows = [
+        [
+            e["label"],
+            str(e["control"] or "n/a"),
+            eps(e["eps_low"]),
+            eps(e["eps_high"]),
+            str(e["n_seeds"]),
+            *cells(e, ("entropy_start", "entropy_end", "entropy_change")),
+            *p_cell(e, "entropy_change"),
+            *cells(e, ("clip_low", "clip_high", "effect_low", "effect_high")),
+        ]
+        for e in summary
+    ]
+
+    def hold_cell(entry: dict[str, Any]) -> str:
+        if entry["hold_within"] is None:
+            return "n/a"
+        error = _pm(entry["hold_error"], entry["hold_error_ci95"])
+        return f"{error} ({entry['hold_within']}/{entry['n_seeds']})"
+
+    outcome_head = ["setting", "rollout entropy end", "final reward", "pass@1 final", *p_head, "pass@k final"]
+    outcome_head += [f"hold error after step {hold_after} (seeds within {HOLD_TOLERANCE:.0%})"]
+    outcome_rows = [
+        [
+            e["label"],
+            *cells(e, ("rollout_end", "reward_final", "pass1_final")),
+            *p_cell(e, "pass1_final"),
+            *cells(e, ("passk_final",)),
+            hold_cell(e),
+        ]
         for e in summary
     ]
     all_runs = [r for runs in loaded.values() for r in runs]
-    lines = [f"# {title or 'entroclip study'}", "", "## Settings", ""]
-    lines += _table(header, rows)
+    lines = [f"# {title or 'entroclip study'}", "", "## Entropy", "", *_table(entropy_head, entropy_rows), ""]
     lines += [
-        "",
         "Each cell: mean over seeds ± the half-width of a 95% Student-t interval (n - 1 degrees of freedom); "
         "standard deviations are in `summary.json`. Entropy: probe entropy in nats, start = before the first "
         "update, end = after the last update, change = end - start per seed. Clip fractions and effect_* "
         "(first-order entropy attribution per unit lr): per-run means over steps."
-        + (
-            f" p: two-sided Welch t-test of the per-seed entropy change against `{baseline}`."
-            if baseline
-            else ""
-        ),
+        + (f" p: two-sided Welch t-test of the per-seed values against `{baseline}`." if baseline else ""),
+        "",
+        "## Outcome",
+        "",
+        *_table(outcome_head, outcome_rows),
+        "",
+        "Rollout entropy at the last step (nats); final reward: the last step's mean reward; pass@1 and "
+        "pass@k: the last held-out evaluation. Hold error (controllers with a target): per seed, the largest "
+        f"|H - target| / target of the rollout entropy H over the steps after step {hold_after}; in brackets "
+        f"the seeds that stayed within {HOLD_TOLERANCE:.0%} of the target.",
         "",
         *_figures_md(drawn, out_dir, _temperatures(all_runs)),
         "## Runs",

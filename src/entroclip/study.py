@@ -25,11 +25,13 @@ class Setting:
     overrides: tuple[str, ...]
 
 
-def _run_one(config: dict[str, Any], run_key: str, updates: Any) -> str:
+def _run_one(config: dict[str, Any], run_key: str, updates: Any, resume: bool) -> str:
+    from entroclip.runio import CONFIG_FILE
     from entroclip.trainer import Trainer
 
     cfg = parse_config(config)
-    trainer = Trainer(cfg, overwrite=True, console=Console(stderr=True, quiet=True))
+    resume = resume and (Path(cfg.run.out_dir) / CONFIG_FILE).is_file()
+    trainer = Trainer(cfg, resume=resume, overwrite=True, console=Console(stderr=True, quiet=True))
     trainer.train(show_progress=False, on_step=lambda step, _m: updates.put((run_key, step)))
     return cfg.run.out_dir
 
@@ -79,9 +81,16 @@ def plan_runs(
 
 
 def run_study(
-    plan: Mapping[str, Sequence[Config]], workers: int = 2, console: Console | None = None
+    plan: Mapping[str, Sequence[Config]],
+    workers: int = 2,
+    console: Console | None = None,
+    resume: bool = False,
 ) -> dict[str, list[Path]]:
-    """Train every planned run, ``workers`` at a time; returns label -> run folders."""
+    """Train every planned run, ``workers`` at a time; returns label -> run folders.
+
+    An existing run folder is replaced, or with ``resume`` continued from its last checkpoint (a finished
+    run is only re-read), so an interrupted study can be completed by running it again.
+    """
     console = console or Console(stderr=True)
     jobs = [(label, cfg) for label, cfgs in plan.items() for cfg in cfgs]
     ctx = mp.get_context("spawn")
@@ -99,7 +108,7 @@ def run_study(
             for label, cfg in jobs:
                 key = f"{label}/seed{cfg.run.seed}"
                 bars[key] = progress.add_task(key, total=cfg.run.steps)
-                futures.append(pool.submit(_run_one, cfg.model_dump(mode="json"), key, updates))
+                futures.append(pool.submit(_run_one, cfg.model_dump(mode="json"), key, updates, resume))
             while not all(f.done() for f in futures):
                 _drain(updates, progress, bars, timeout=0.2)
             _drain(updates, progress, bars, timeout=0.0)
