@@ -251,7 +251,7 @@ class Trainer:
             return None
         m = self.config.model
         folder = self.run_dir / "init_model" if m.builtin is not None else Path(m.path or "")
-        sampler = VLLMSampler(folder, self.tokenizer, self.config.rollout.vllm_gpu_memory)
+        sampler = VLLMSampler(folder, self.tokenizer, self.config.rollout.vllm_gpu_memory, self.ctx)
         sampler.sync_weights(self.model)  # a resumed run starts from its checkpoint
         return sampler
 
