@@ -10,7 +10,7 @@ whole (unsharded) weights and optimizer state, so a run resumes at any number of
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -172,13 +172,6 @@ def load_full_state_dict(
     """Load a whole state dict (every rank passes the same) into ``module``, sharded or not."""
     options = StateDictOptions(full_state_dict=True, strict=strict)
     return set_model_state_dict(module, dict(weights), options=options)
-
-
-def full_tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """``module``'s state dict as (name, whole tensor) pairs, gathered one at a time when sharded (then
-    every rank must consume all of it)."""
-    for name, tensor in module.state_dict().items():
-        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict[str, Any]:
