@@ -43,7 +43,7 @@ from entroclip.distributed import (
     load_optimizer_state,
     shard_module,
 )
-from entroclip.entropy import token_entropy
+from entroclip.entropy import token_entropy, token_stats
 from entroclip.logging import MetricsLogger
 from entroclip.objectives import kl_penalty
 from entroclip.policy.builtin import save_builtin
@@ -457,8 +457,9 @@ class Trainer:
                 logits, hidden = response_logits_and_hidden(self.model, rollout, c.rollout.temperature)
                 old_values = self.value_head(hidden)
                 sums["value/mean"] = ((old_values * mask).sum(), n_tokens)
-            logp_old = token_logprobs(logits, rollout.responses)
-            sums["entropy/rollout"] = ((token_entropy(logits) * mask).sum(), n_tokens)
+            logp_old, entropy, _ = token_stats(logits, rollout.responses)
+            assert logp_old is not None and entropy is not None
+            sums["entropy/rollout"] = ((entropy * mask).sum(), n_tokens)
             del logits
             logp_ref, kl_penalty_tokens = None, torch.zeros_like(logp_old)
             if self.ref_model is not None:

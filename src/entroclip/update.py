@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from entroclip.control import clip_cov_select, kl_cov_select
 from entroclip.distributed import DistContext, global_loss_factor
-from entroclip.entropy import EFFECT_KEYS, clip_attribution, entropy_sensitivity, token_entropy
+from entroclip.entropy import EFFECT_KEYS, clip_attribution, token_stats
 from entroclip.objectives import (
     LOG_RATIO_LIMIT,
     Aggregation,
@@ -25,7 +25,7 @@ from entroclip.objectives import (
     clip_masks,
     clipped_surrogate,
 )
-from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden, token_logprobs
+from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden
 from entroclip.value import ValueHead, clipped_value_loss
 
 
@@ -234,8 +234,10 @@ def _minibatch_step(
         value_loss = clipped_value_loss(
             value_head(hidden), mb.old_values, mb.returns, mask, settings.value_clip
         )
-    logp_new = token_logprobs(logits, rollout.responses)
-    entropy = token_entropy(logits) if settings.entropy_coef else None
+    logp_new, entropy, kappa = token_stats(
+        logits, rollout.responses, entropy=bool(settings.entropy_coef), kappa=settings.attribution
+    )
+    assert logp_new is not None
     detach, penalty, selected = _covariance_terms(mb, logp_new, settings, generator)
     out = clipped_surrogate(
         logp_new,
@@ -273,8 +275,7 @@ def _minibatch_step(
         optimizer.zero_grad(set_to_none=True)
         stats.skipped_steps += 1
         return False
-    if settings.attribution:
-        _, kappa = entropy_sensitivity(logits.detach(), rollout.responses)
+    if kappa is not None:
         for key, value in clip_attribution(out, kappa, mb.advantages, logp_new, mb.logp_old, mask).items():
             stats.effects[key] += value * factor / ctx.world_size
     optimizer.step()

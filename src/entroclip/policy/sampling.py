@@ -14,6 +14,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroclip.distributed import is_sharded
+from entroclip.entropy import token_stats
 
 
 @dataclass
@@ -109,19 +110,21 @@ def _response_forward(
     model: PreTrainedModel, rollout: Rollout, temperature: float, hidden: bool
 ) -> tuple[Tensor, Tensor | None]:
     positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    t = rollout.response_mask.shape[1]
+    length, t = rollout.input_ids.shape[1], rollout.response_mask.shape[1]
+    # the positions that predict the response tokens; the logits come out contiguous, [B, T, V]
+    predicting = torch.arange(length - t - 1, length - 1, device=rollout.input_ids.device)
     out = model(
         input_ids=rollout.input_ids,
         attention_mask=rollout.attention_mask,
         position_ids=positions,
-        logits_to_keep=t + 1,
+        logits_to_keep=predicting,
         use_cache=False,
         output_hidden_states=hidden,
     )
-    logits = out.logits[:, :-1]
+    logits = out.logits
     if temperature != 1.0:
         logits = logits / temperature
-    states = out.hidden_states[-1][:, -(t + 1) : -1] if hidden else None
+    states = out.hidden_states[-1][:, predicting] if hidden else None
     return logits, states
 
 
@@ -140,6 +143,8 @@ def response_logits_and_hidden(
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
-    """log softmax(logits)[token] in float32, ``[B, T]``, without a float32 [B, T, V] log-softmax copy."""
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
-    return picked - torch.logsumexp(logits.float(), dim=-1)
+    """log softmax(logits)[token] in float32, ``[B, T]``, computed chunk by chunk (no float32 copy of
+    ``[B, T, V]``, in the forward or the backward pass); see :func:`entroclip.entropy.token_stats`."""
+    logp = token_stats(logits, tokens, entropy=False).logp
+    assert logp is not None
+    return logp
