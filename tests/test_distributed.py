@@ -50,7 +50,7 @@ def settings(agg: str) -> UpdateSettings:
 def make_batch(model_dir, value_head: bool = False) -> UpdateBatch:
     model, tok = load_policy(model_dir)
     prompts = [f"{a}+{b}=" for a, b in [(1, 2), (13, 4), (7, 55), (9, 9)] for _ in range(4)]
-    rollout = sample(model, tok, prompts, max_new_tokens=6, seed=3)
+    rollout = sample(model, tok, prompts, max_new_tokens=6, seed=3, return_logp=True)
     gen = torch.Generator().manual_seed(0)
     # an old policy that differs from the current one, so that clipping acts
     logp_old = rollout.sampler_logp + 0.3 * torch.randn(rollout.sampler_logp.shape, generator=gen)

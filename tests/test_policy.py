@@ -62,7 +62,7 @@ def test_response_mask_stops_after_first_eos():
 def test_trainer_logprobs_equal_sampler_logprobs(tiny, temperature):
     model, tok = tiny
     prompts = ["12+34=", "5+7=", "1+1=", "99+99="] * 3  # different lengths: left padding is exercised
-    rollout = sample(model, tok, prompts, max_new_tokens=6, temperature=temperature, seed=5)
+    rollout = sample(model, tok, prompts, max_new_tokens=6, temperature=temperature, seed=5, return_logp=True)
     assert rollout.prompt_len == 6
     with torch.no_grad():
         logp = token_logprobs(response_logits(model, rollout, temperature), rollout.responses)
@@ -71,6 +71,16 @@ def test_trainer_logprobs_equal_sampler_logprobs(tiny, temperature):
     # masks exclude the prompt (not part of responses) and everything after EOS
     assert rollout.response_mask.shape == rollout.responses.shape
     assert (rollout.sampler_logp[~rollout.response_mask] == 0).all()
+
+
+def test_sampler_logprobs_only_on_request(tiny):
+    """Without ``return_logp`` generate keeps no scores; the tokens are the same."""
+    model, tok = tiny
+    plain = sample(model, tok, ["1+2=", "34+5="] * 4, 6, temperature=0.8, seed=2)
+    with_logp = sample(model, tok, ["1+2=", "34+5="] * 4, 6, temperature=0.8, seed=2, return_logp=True)
+    assert plain.sampler_logp is None and with_logp.sampler_logp is not None
+    assert torch.equal(plain.input_ids, with_logp.input_ids)
+    assert plain.select(torch.tensor([1, 3])).sampler_logp is None
 
 
 def test_sampling_is_seeded(tiny):
@@ -98,7 +108,7 @@ def test_smollm2_gguf_loads_samples_and_updates():
     torch.manual_seed(0)
     model, tok = load_policy(gguf_file=str(path))
     prompts = format_prompts(tok, ["What is 2+3?"], "auto") * 2
-    rollout = sample(model, tok, prompts, max_new_tokens=4, seed=0)
+    rollout = sample(model, tok, prompts, max_new_tokens=4, seed=0, return_logp=True)
     assert len(rollout.texts) == 2 and rollout.response_mask[:, 0].all()
     logp = token_logprobs(response_logits(model, rollout, 1.0), rollout.responses)
     assert (logp - rollout.sampler_logp)[rollout.response_mask].abs().max() < 1e-3

@@ -248,7 +248,7 @@ def test_rollout_matches_hf_sample_on_the_same_tokens(fake_vllm):
     """Given the tokens and log-probs that ``sampling.sample`` drew, the vLLM path builds the same Rollout."""
     model, tokenizer = tiny(seed=3)
     prompts = ["1+2=", "12+34=", "5=", "98+7="] * 4
-    reference = sample(model, tokenizer, prompts, max_new_tokens=6, seed=5)
+    reference = sample(model, tokenizer, prompts, max_new_tokens=6, seed=5, return_logp=True)
     mask = reference.response_mask
     assert not mask.all(-1).all() and mask[:, -1].any()  # some rows end early, some run to the limit
     fake_vllm.script = [

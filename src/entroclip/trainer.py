@@ -397,9 +397,10 @@ class Trainer:
         )
 
     def _load_or_make_probe(self) -> Rollout | None:
-        """The fixed probe set: prompts with continuations sampled once from the initial policy, written
-        by rank 0 to ``RUN/probe.safetensors`` and read from there by every rank (and on resume). A
-        sharded policy samples on every rank, since its forward pass is a collective."""
+        """The fixed probe set: prompts with continuations sampled once from the initial policy and their
+        log-probs under it, written by rank 0 to ``RUN/probe.safetensors`` and read from there by every
+        rank (and on resume). A sharded policy samples on every rank, since its forward pass is a
+        collective."""
         d = self.config.diagnostics
         if d.probe_prompts == 0:
             return None
@@ -407,12 +408,19 @@ class Trainer:
         if self.ctx.broadcast_flag(not path.is_file()) and (self.ctx.is_main or self.sharded):
             seed = derive_seed(self.config.run.seed, 0, "probe")
             probe = self._sample(self.task.eval_examples(d.probe_prompts, seed=seed), d.probe_samples, seed)
+            logp = self._policy_logp(probe)
             if self.ctx.is_main:
-                _write_probe(probe, path)
+                _write_probe(probe, logp, path)
         self.ctx.barrier()
         t = {k: v.to(self.ctx.device) for k, v in load_file(str(path)).items()}
         mask = t["response_mask"].bool()
         return Rollout(t["input_ids"], t["attention_mask"], int(t["prompt_len"]), mask, t["logp"], [])
+
+    @torch.no_grad()
+    def _policy_logp(self, rollout: Rollout) -> torch.Tensor:
+        """The policy's log-probs of the response tokens, ``[B, T]``, 0 after EOS."""
+        logits = response_logits(self.model, rollout, self.config.rollout.temperature)
+        return torch.where(rollout.response_mask, token_logprobs(logits, rollout.responses), 0.0)
 
     @torch.no_grad()
     def probe_entropy(self, model: PreTrainedModel | None = None) -> float:
@@ -684,13 +692,13 @@ def _configured(section: str, build: Callable[[], T]) -> T:
         raise ConfigError(f"{section}: {err}") from None
 
 
-def _write_probe(probe: Rollout, path: Path) -> None:
-    """Write the probe set to ``path`` atomically."""
+def _write_probe(probe: Rollout, logp: torch.Tensor, path: Path) -> None:
+    """Write the probe set and its log-probs ``[B, T]`` to ``path`` atomically."""
     tensors = {
         "input_ids": probe.input_ids,
         "attention_mask": probe.attention_mask,
         "response_mask": probe.response_mask.to(torch.uint8),
-        "logp": probe.sampler_logp,
+        "logp": logp,
         "prompt_len": torch.tensor(probe.prompt_len),
     }
     tmp = path.with_name(f".{path.name}.tmp")

@@ -23,14 +23,15 @@ class Rollout:
 
     ``input_ids``/``attention_mask``: ``[B, P + T]`` (left-padded prompt, then response, pad after EOS);
     ``response_mask``: bool ``[B, T]``, True up to and including the first EOS; ``sampler_logp``:
-    ``[B, T]`` log-probs of the sampled tokens under the sampling distribution.
+    ``[B, T]`` log-probs of the sampled tokens under the sampling distribution (0 after EOS), or None
+    when the sampler was not asked for them (the trainer recomputes them with its own forward pass).
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     prompt_len: int
     response_mask: Tensor
-    sampler_logp: Tensor
+    sampler_logp: Tensor | None
     texts: list[str]
 
     @property
@@ -45,7 +46,7 @@ class Rollout:
             self.attention_mask[index],
             self.prompt_len,
             self.response_mask[index],
-            self.sampler_logp[index],
+            self.sampler_logp[index] if self.sampler_logp is not None else None,
             [self.texts[i] for i in rows],
         )
 
@@ -68,10 +69,13 @@ def sample(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
+    return_logp: bool = False,
 ) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups), with a KV cache, seeded.
 
-    A sharded (FSDP) model keeps decoding until every rank is done, as each step is a collective."""
+    With ``return_logp``, ``generate`` keeps every step's scores ``[B, V]`` and the rollout carries the
+    sampled tokens' log-probs (``sampler_logp``); without, it is None and the tokens are the same. A sharded
+    (FSDP) model keeps decoding until every rank is done, as each step is a collective."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
@@ -86,7 +90,7 @@ def sample(
             top_p=top_p,
             top_k=0,
             max_new_tokens=max_new_tokens,
-            output_scores=True,
+            output_scores=return_logp,
             return_dict_in_generate=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -96,9 +100,10 @@ def sample(
     prompt_len = enc["input_ids"].shape[1]
     responses = out.sequences[:, prompt_len:]
     mask = response_mask_from(responses, tokenizer.eos_token_id)
-    scores = torch.stack(out.scores, dim=1).float()  # [B, T, V], after temperature / top-p
-    logp = torch.log_softmax(scores, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(mask, logp, torch.zeros_like(logp))
+    logp = None
+    if return_logp:
+        scores = torch.stack(out.scores, dim=1)  # [B, T, V], after temperature / top-p
+        logp = torch.where(mask, token_logprobs(scores, responses), 0.0)
     attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
     texts = tokenizer.batch_decode(
         torch.where(mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
