@@ -316,10 +316,10 @@ STUDY_PANELS = (
         "rollout_entropy",
         "Rollout entropy per setting",
         "entropy (nats)",
-        (("rollout entropy", _metric("entropy/rollout")),),
+        (("rollout entropy", _metric("entropy/rollout")), ("target", _metric("control/target"))),
         "Rollout entropy (exact, full vocabulary, at the sampling temperature, {temperature}) of the policy "
-        "that sampled each step's batch, over its response tokens; the quantity the controllers hold. Mean "
-        "over seeds (line), one standard deviation across seeds (band).",
+        "that sampled each step's batch, over its response tokens; the quantity the controllers hold (their "
+        "target dashed). Mean over seeds (line), one standard deviation across seeds (band).",
     ),
     Panel(
         "clip_fractions",
