@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 
+from entroclip.advantages import group_advantages
 from entroclip.entropy import entropy_sensitivity, token_entropy
+from entroclip.theory import softmax
 from entroclip.theory.policies import initial_logits, temper_to_entropy
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.simulation import check_step
@@ -92,6 +94,67 @@ def test_sparse_update_that_removes_almost_all_the_mass(gen):
     torch.testing.assert_close(state.log_norm, reference.log_norm, rtol=0, atol=1e-12)
 
 
+def test_dense_step_along_pi_is_one_exact_pass(gen):
+    """logits += c * pi and the refresh, in one pass; rows past REBASE are shifted back on the way."""
+    logits = torch.randn(6, 2, 50, generator=gen, dtype=torch.float64)
+    logits[0, 1] += 45.0  # log normaliser past REBASE
+    state = SoftmaxState.from_logits(logits)
+    coefficient = 3 * torch.randn(6, 2, generator=gen, dtype=torch.float64)
+    expected = SoftmaxState.from_logits(state.logits + coefficient.unsqueeze(-1) * state.probs)
+    state.step_along_probs(coefficient)
+    assert state.log_norm.abs().max() <= softmax.REBASE
+    torch.testing.assert_close(state.probs, expected.probs, rtol=0, atol=1e-13)
+    torch.testing.assert_close(state.weights, state.logits.exp(), rtol=1e-15, atol=0)
+    torch.testing.assert_close(state.entropy(), expected.entropy(), rtol=0, atol=1e-12)
+
+
+def test_sparse_updates_keep_the_normaliser_exact_over_many_steps(gen):
+    """Runs of large steps on a few actions, with repeats, that move most of the mass back and forth: the
+    normaliser's error bound, carried from step to step, sends rows to a dense sum before their
+    accumulated rounding error shows; reading the weights sums every row densely again."""
+    state = SoftmaxState.from_logits(2 * torch.randn(50, 2, 12, generator=gen, dtype=torch.float64))
+    for _ in range(15):
+        for scale in (0.3, 3.0, 50.0, 1000.0):
+            contexts = torch.randint(2, (50, 8), generator=gen)
+            flat = contexts * 12 + torch.randint(3, (50, 8), generator=gen)
+            state.add_at(flat, contexts, scale * torch.randn(50, 8, generator=gen, dtype=torch.float64))
+            reference = SoftmaxState.from_logits(state.logits)
+            torch.testing.assert_close(state.log_norm, reference.log_norm, rtol=0, atol=2e-8)
+        torch.testing.assert_close(state.weights, state.logits.exp(), rtol=1e-15, atol=0)
+        torch.testing.assert_close(state.log_norm, reference.log_norm, rtol=0, atol=1e-13)
+        assert not state.norm_error.any()
+
+
+def test_compiled_and_eager_dense_passes_agree(gen, monkeypatch):
+    monkeypatch.setattr(softmax, "COMPILE_FROM", 0)
+    logits = torch.randn(7, 3, 40, generator=gen, dtype=torch.float64)
+    factor = torch.randn(7, 3, 1, generator=gen, dtype=torch.float64)
+    shift = torch.randn(7, 3, 1, generator=gen, dtype=torch.float64)
+    compiled = softmax._DensePass(softmax._step_and_exponentiate)
+    outputs = []
+    for run in (compiled, softmax._step_and_exponentiate):
+        state = (logits.clone(), logits.exp())
+        outputs.append((run(*state, factor, shift), *state))
+    assert compiled.compiled is not None
+    for got, expected in zip(*outputs, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-15)
+
+
+def test_dense_passes_run_eagerly_where_torch_compile_fails(gen, monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(softmax, "COMPILE_FROM", 0)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    dense_pass = softmax._DensePass(softmax._shift_and_exponentiate)
+    logits = torch.randn(3, 1, 20, generator=gen, dtype=torch.float64)
+    weights = torch.empty_like(logits)
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
+        total = dense_pass(logits, weights, torch.zeros(3, 1, 1, dtype=torch.float64))
+    torch.testing.assert_close(total, logits.exp().sum(-1, keepdim=True))
+    assert not dense_pass.compiles
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Initial policies and advantages
 
@@ -133,6 +196,18 @@ def test_positive_part_of_the_advantage_matches_monte_carlo(gen, reward):
     # advantages of a group are dependent, so this standard error is approximate: 4 of them
     assert abs(positive.mean().item() - reward.positive_part_mean(8)) < 4 * stderr
     assert abs(advantages.mean().item()) < 4 * advantages.std().item() / math.sqrt(advantages.numel())
+
+
+@pytest.mark.parametrize("advantage", ["grpo", "drgrpo", "rloo"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bernoulli_advantages_are_the_cores_estimator(advantage, dtype):
+    """Looked up by the number of successes in a group, they equal the core's on the same rewards."""
+    reward = RandomReward("bernoulli", 0.3, advantage)
+    advantages = reward.sample_advantages((500, 4), 8, torch.Generator().manual_seed(5), dtype)
+    draws = torch.rand((500, 4, 8), generator=torch.Generator().manual_seed(5), dtype=dtype)
+    rewards = (draws < 0.3).to(dtype).reshape(-1)
+    expected = group_advantages(rewards, 8, advantage).view(500, 4, 8).to(dtype)
+    assert torch.equal(advantages, expected)
 
 
 def test_sampler_draws_each_context_from_its_own_policy(gen):

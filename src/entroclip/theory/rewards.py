@@ -46,10 +46,27 @@ class RandomReward:
         """Advantages ``[S, P, G]`` for ``groups = (S, P)`` groups of ``group_size`` rewards each."""
         shape = (*groups, group_size)
         if self.kind == "bernoulli":
-            rewards = (torch.rand(shape, generator=generator, dtype=dtype) < self.success_prob).to(dtype)
-        else:
-            rewards = torch.randn(shape, generator=generator, dtype=dtype)
+            successes = torch.rand(shape, generator=generator, dtype=dtype) < self.success_prob
+            return self._bernoulli_advantages(successes, dtype)
+        rewards = torch.randn(shape, generator=generator, dtype=dtype)
         return group_advantages(rewards.reshape(-1), group_size, self.advantage).view(shape).to(dtype)
+
+    def _bernoulli_table(self, group_size: int, dtype: torch.dtype) -> Tensor:
+        """Advantages of the group whose first k rewards are successes, for k = 0..G, ``[G + 1, G]``."""
+        successes = torch.arange(group_size + 1).unsqueeze(-1)
+        groups = (torch.arange(group_size) < successes).to(dtype)
+        return group_advantages(groups.reshape(-1), group_size, self.advantage).view_as(groups).to(dtype)
+
+    def _bernoulli_advantages(self, successes: Tensor, dtype: torch.dtype) -> Tensor:
+        """Advantages of Bernoulli groups, bool ``[S, P, G]`` -> ``[S, P, G]``.
+
+        A group's advantages depend only on its number k of successes, so they are looked up in the
+        table the core's estimator gives for each k (a success's in column 0, a failure's in column G - 1).
+        """
+        table = self._bernoulli_table(successes.shape[-1], dtype)
+        # a failure's and a success's advantage in the group with k successes, at 2 k and 2 k + 1
+        pairs = torch.stack([table[:, -1], table[:, 0]], -1).view(-1)
+        return pairs.take(successes.sum(-1, keepdim=True) * 2 + successes)
 
     def positive_part_mean(self, group_size: int) -> float:
         """E[max(A, 0)] of one advantage in a group of ``group_size`` (= E[max(-A, 0)], as E[A] = 0)."""
@@ -59,13 +76,9 @@ class RandomReward:
 
     def _bernoulli_positive_part(self, group_size: int) -> float:
         """Exact sum over the number k of successes in the group, through the advantage estimator."""
-        p, total = self.success_prob, 0.0
-        for k in range(group_size + 1):
-            group = torch.tensor([1.0] * k + [0.0] * (group_size - k), dtype=torch.float64)
-            advantages = group_advantages(group, group_size, self.advantage).double()
-            weight = math.comb(group_size, k) * p**k * (1 - p) ** (group_size - k)
-            total += weight * advantages.clamp_min(0).mean().item()
-        return total
+        p, g = self.success_prob, group_size
+        positive = self._bernoulli_table(g, torch.float64).clamp_min(0).mean(-1).tolist()
+        return sum(math.comb(g, k) * p**k * (1 - p) ** (g - k) * positive[k] for k in range(g + 1))
 
     def _gaussian_positive_part(self, group_size: int) -> float:
         """Closed forms for N(0, 1) rewards (the GRPO epsilon of 1e-6 is neglected).

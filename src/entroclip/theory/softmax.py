@@ -1,4 +1,4 @@
-"""Batched tabular softmax policies: logits with their exact normaliser and cached probabilities.
+"""Batched tabular softmax policies: logits, their exponentials and the exact normaliser.
 
 Shapes: ``[S, K, n]`` for S independent seeds, K contexts (states) and n actions. Entropies are in nats.
 The lab works in the dtype of the logits (float64 by default) so that entropy changes of 1e-8 and finite
@@ -9,6 +9,8 @@ built for LLM vocabularies) and is the reference the tests hold these values to.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -17,19 +19,75 @@ from torch import Tensor
 REBASE = 30.0
 
 
-class SoftmaxState:
-    """Policies softmax(logits): ``logits`` ``[S, K, n]``, ``log_norm`` = logsumexp(logits) ``[S, K, 1]``.
+#: Policies with at least this many logits take their dense passes as compiled loops (torch.compile): the
+#: first pass compiles for a few seconds, after which a pass over 10^7 logits takes about half the time.
+COMPILE_FROM = 1 << 20
 
-    Change the logits only through :meth:`refresh` (after an in-place dense change) or :meth:`add_at`
-    (a sparse change, which keeps ``log_norm`` up to date without touching the other n - B entries).
-    ``probs`` is cached and recomputed, with an exact normaliser, on first use after a sparse change.
+
+def _shift_and_exponentiate(logits: Tensor, weights: Tensor, shift: Tensor) -> Tensor:
+    """``logits -= shift``, then ``weights = exp(logits)``, in place; returns the new weights' sums.
+
+    Args:
+        logits, weights: ``[S, K, n]``, changed in place; shift: ``[S, K, 1]``.
+    Returns: ``[S, K, 1]``.
+    """
+    logits.sub_(shift)
+    return torch.exp(logits, out=weights).sum(-1, keepdim=True)
+
+
+def _step_and_exponentiate(logits: Tensor, weights: Tensor, factor: Tensor, shift: Tensor) -> Tensor:
+    """``logits += factor * weights`` (``factor`` ``[S, K, 1]``), then :func:`_shift_and_exponentiate`."""
+    logits.addcmul_(weights, factor)
+    return _shift_and_exponentiate(logits, weights, shift)
+
+
+class _DensePass:
+    """A pass over all logits: one compiled loop on policies of at least ``COMPILE_FROM`` logits, eager
+    on smaller ones and wherever torch.compile cannot build it (e.g. without a C++ compiler)."""
+
+    def __init__(self, function: Callable[..., Tensor]) -> None:
+        self.function = function
+        self.compiled: Callable[..., Tensor] | None = None
+        self.compiles = True
+
+    def __call__(self, logits: Tensor, *args: Tensor) -> Tensor:
+        if self.compiles and logits.numel() >= COMPILE_FROM:
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.function, dynamic=True, fullgraph=True)
+                return self.compiled(logits, *args)
+            except RuntimeError as error:
+                warnings.warn(
+                    f"the theory lab's dense passes run eagerly: torch.compile failed ({error})", stacklevel=2
+                )
+                self.compiles = False
+        return self.function(logits, *args)
+
+
+_shift_pass = _DensePass(_shift_and_exponentiate)
+_step_pass = _DensePass(_step_and_exponentiate)
+
+
+class SoftmaxState:
+    """Policies softmax(logits) ``[S, K, n]``, kept with their ``weights`` = exp(logits) ``[S, K, n]`` (the
+    unnormalised probabilities) and ``log_norm`` = log of the weights' sum over actions ``[S, K, 1]``.
+
+    The steps and the sampler work on the weights and the normaliser, so the normalised probabilities
+    are never formed in the hot path; :attr:`probs` computes (and caches) them on demand. Change the
+    logits only through :meth:`refresh` (after an in-place dense change), :meth:`step_along_probs` or
+    :meth:`add_at` (a sparse change, which updates the weights and ``log_norm`` in O(changes)).
+    ``norm_error`` ``[S, K, 1]`` bounds the relative rounding error that sparse changes have left in the
+    normaliser; reading :attr:`weights` sums it densely again (one pass) where that is not 0.
     """
 
-    def __init__(self, logits: Tensor, log_norm: Tensor, probs: Tensor | None = None) -> None:
+    def __init__(
+        self, logits: Tensor, weights: Tensor, log_norm: Tensor, norm_error: Tensor | None = None
+    ) -> None:
         self.logits = logits
         self.log_norm = log_norm
-        self._probs = torch.exp(logits - log_norm) if probs is None else probs
-        self._probs_stale = False
+        self.norm_error = torch.zeros_like(log_norm) if norm_error is None else norm_error
+        self._weights = weights
+        self._probs: Tensor | None = None
 
     @classmethod
     def from_logits(cls, logits: Tensor) -> SoftmaxState:
@@ -39,81 +97,132 @@ class SoftmaxState:
         if not logits.is_floating_point():
             raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
         logits = logits.contiguous().clone()
-        return cls(logits, torch.logsumexp(logits, -1, keepdim=True))
+        state = cls(logits, torch.empty_like(logits), torch.logsumexp(logits, -1, keepdim=True))
+        state.refresh()
+        return state
 
     @property
     def shape(self) -> torch.Size:
         return self.logits.shape
 
     @property
+    def weights(self) -> Tensor:
+        """exp(logits), ``[S, K, n]`` (the state's own tensor: do not modify)."""
+        if bool(self.norm_error.any()):
+            self.log_norm = self._weights.sum(-1, keepdim=True).log_()
+            self.norm_error.zero_()
+        return self._weights
+
+    @property
+    def normaliser(self) -> Tensor:
+        """Sum of the weights over actions, ``[S, K, 1]``."""
+        return self.log_norm.exp()
+
+    @property
     def probs(self) -> Tensor:
-        """pi, ``[S, K, n]`` (a cached tensor: do not modify)."""
-        if self._probs_stale:
-            self.refresh()
+        """pi = weights / normaliser, ``[S, K, n]`` (a cached tensor: do not modify)."""
+        if self._probs is None:
+            self._probs = self.weights / self.normaliser
         return self._probs
 
     def head(self, seeds: int) -> SoftmaxState:
         """The first ``seeds`` seeds, as views of this state's tensors (for reading)."""
-        return SoftmaxState(self.logits[:seeds], self.log_norm[:seeds], self.probs[:seeds])
+        weights = self.weights
+        return SoftmaxState(self.logits[:seeds], weights[:seeds], self.log_norm[:seeds])
 
     def clone(self) -> SoftmaxState:
-        return SoftmaxState(self.logits.clone(), self.log_norm.clone(), self.probs.clone())
+        return SoftmaxState(
+            self.logits.clone(), self._weights.clone(), self.log_norm.clone(), self.norm_error.clone()
+        )
 
     def refresh(self) -> None:
-        """Recompute ``log_norm`` and ``probs`` after an in-place change of ``logits``.
+        """Recompute ``weights`` and ``log_norm`` after an in-place change of ``logits``: one dense pass.
 
-        The logits are kept near log-probabilities (each row is shifted by its log normaliser when that
+        The logits are kept near log-probabilities (a row is shifted by its log normaliser when that
         drifts past ``REBASE``; a shift changes no probability), so ``exp(logits)`` needs no shift of its
         own and stays in range; a step that still overflows or underflows shifts the rows by their maxima.
         """
-        if bool((self.log_norm.abs() > REBASE).any()):
-            self.logits.sub_(self.log_norm)
-            self.log_norm.zero_()
-        probs = torch.exp(self.logits, out=self._probs)
-        log_total = probs.sum(-1, keepdim=True).log_()
-        self._probs_stale = False
-        if not bool(torch.isfinite(log_total).all()):
-            self.logits.sub_(self.logits.amax(-1, keepdim=True))
-            torch.exp(self.logits, out=probs)
-            log_total = probs.sum(-1, keepdim=True).log_()
-        probs.div_(log_total.exp())
-        self.log_norm = log_total
+        self._settle(_shift_pass(self.logits, self._weights, self._rebase_shift()))
+
+    def step_along_probs(self, coefficient: Tensor) -> None:
+        """``logits += coefficient * pi`` (``coefficient`` ``[S, K]``) and :meth:`refresh`, in one pass."""
+        factor = coefficient.unsqueeze(-1) / self.normaliser
+        self._settle(_step_pass(self.logits, self._weights, factor, self._rebase_shift()))
+
+    def _drifted(self) -> Tensor:
+        """Rows whose finite log normaliser is past ``REBASE``, bool ``[S, K, 1]``: their logits are shifted
+        back to log-probabilities (a diverged row is left as it is, for the caller to detect)."""
+        return torch.isfinite(self.log_norm) & (self.log_norm.abs() > REBASE)
+
+    def _rebase_shift(self) -> Tensor:
+        """Per-row shift of a dense pass, ``[S, K, 1]``: the log normaliser of the drifted rows, else 0."""
+        return torch.where(self._drifted(), self.log_norm, 0.0)
+
+    def _settle(self, total: Tensor) -> None:
+        """Take ``log_norm`` from the sums ``[S, K, 1]`` of the weights a dense pass wrote (after an
+        overflow or underflow, from the weights of the logits shifted by their row maxima)."""
+        if not bool(((total > 0) & (total < math.inf)).all()):
+            total = _shift_pass(self.logits, self._weights, self.logits.amax(-1, keepdim=True))
+        self.log_norm = total.log_()
+        self.norm_error.zero_()
+        self._probs = None
+
+    def _rebase_rows(self) -> None:
+        """Shift the drifted rows alone (after a sparse change) to log-probabilities, by their exact log
+        normaliser, and sum their weights again."""
+        drifted = self._drifted().squeeze(-1)
+        if bool(drifted.any()):
+            rows = self.logits[drifted]
+            rows -= torch.logsumexp(rows, -1, keepdim=True)
+            weights = rows.exp()
+            self.logits[drifted] = rows
+            self._weights[drifted] = weights
+            self.log_norm[drifted] = weights.sum(-1, keepdim=True).log()
+            self.norm_error[drifted] = 0.0
 
     def add_at(self, flat_actions: Tensor, contexts: Tensor, deltas: Tensor) -> None:
         """``logits[s, flat_actions[s, i]] += deltas[s, i]`` (repeated entries add up), in O(S B).
 
-        The normaliser follows from the distinct changed entries u alone, in log space so that no step
-        size can overflow it: Z' = Z (1 - sum_u pi_u) + sum_u exp(z'_u). A row whose normaliser shrank so
-        much that the rounding error of 1 - sum_u pi_u would exceed sqrt(machine epsilon) of Z' is summed
-        densely instead. ``probs`` is recomputed (densely, with an exact normaliser) on its next use.
+        The weights change at the distinct changed entries u alone, and the normaliser follows from them:
+        Z' = Z + sum_u (w'_u - w_u). Its rounding adds about B eps (Z + sum_u w'_u) to the error that
+        ``norm_error`` carries from earlier sparse steps; a row whose bound passes sqrt(machine epsilon)
+        of Z' (a step that removed most of the mass, or overflowed exp) is summed densely instead, and a
+        row whose normaliser drifted past ``REBASE`` is rebased.
 
         Args:
             flat_actions: context * n + action, and ``contexts``: int64 ``[S, B]``; deltas: ``[S, B]``.
         """
         seeds, contexts_n, n = self.shape
         flat_logits = self.logits.view(seeds, contexts_n * n)
-        log_norm = self.log_norm.view(seeds, contexts_n)
+        flat_weights = self._weights.view(seeds, contexts_n * n)
         entries, order = flat_actions.sort(1)
         entry_contexts = contexts.gather(1, order)
         distinct = torch.ones_like(entries, dtype=torch.bool)
         distinct[:, 1:] = entries[:, 1:] != entries[:, :-1]
-        probs_before = (flat_logits.gather(1, entries) - log_norm.gather(1, entry_contexts)).exp()
+        weights_before = flat_weights.gather(1, entries)
         flat_logits.scatter_add_(1, flat_actions, deltas)
-        zeros = torch.zeros_like(log_norm)
-        untouched = 1.0 - zeros.scatter_add(1, entry_contexts, torch.where(distinct, probs_before, 0.0))
-        logits_after = torch.where(distinct, flat_logits.gather(1, entries), -math.inf)
-        peak = torch.full_like(log_norm, -math.inf).scatter_reduce(1, entry_contexts, logits_after, "amax")
-        changed = zeros.scatter_add(1, entry_contexts, (logits_after - peak.gather(1, entry_contexts)).exp())
-        new_log_norm = torch.logaddexp(log_norm + untouched.clamp_min(0).log(), peak + changed.log())
-        # The unchanged share carries an absolute rounding error of about B eps (relative to Z), i.e.
-        # B eps Z / Z' relative to the new normaliser: rows where that exceeds sqrt(eps) are summed densely.
-        eps = torch.finfo(untouched.dtype).eps
-        shrink_limit = math.log(math.sqrt(eps) / (entries.shape[1] * eps))
-        lost = (log_norm - new_log_norm > shrink_limit).nonzero(as_tuple=True)
-        if lost[0].numel():
-            new_log_norm[lost] = torch.logsumexp(self.logits[lost], -1)
-        self.log_norm = new_log_norm.unsqueeze(-1)
-        self._probs_stale = True
+        weights_after = flat_logits.gather(1, entries).exp()
+        flat_weights.scatter_(1, entries, weights_after)
+        total = self.normaliser.view(seeds, contexts_n)
+
+        def per_context(values: Tensor) -> Tensor:
+            """Sum over the distinct changed entries of each context, ``[S, K]``."""
+            return torch.zeros_like(total).scatter_add(1, entry_contexts, torch.where(distinct, values, 0))
+
+        new_total = total + per_context(weights_after - weights_before)
+        eps = torch.finfo(total.dtype).eps
+        error = self.norm_error.view(seeds, contexts_n) * total
+        error += entries.shape[1] * eps * (total + per_context(weights_after))
+        exact = (error <= math.sqrt(eps) * new_total) & (new_total < math.inf)
+        self.norm_error = (error / new_total).unsqueeze(-1)
+        log_norm = new_total.log_()
+        resum = (~exact).nonzero(as_tuple=True)
+        if resum[0].numel():
+            log_norm[resum] = torch.logsumexp(self.logits[resum], -1)
+            self.norm_error.view(seeds, contexts_n)[resum] = 0.0
+        self.log_norm = log_norm.unsqueeze(-1)
+        self._rebase_rows()
+        self._probs = None
 
     def log_probs(self) -> Tensor:
         """log pi, ``[S, K, n]``."""
@@ -131,10 +240,10 @@ class SoftmaxState:
         return picked - self.log_norm.view(seeds, contexts_n).gather(1, contexts)
 
     def entropy(self) -> Tensor:
-        """H = -sum_a pi_a log pi_a per seed and context, ``[S, K]`` (nats)."""
-        # sum_a pi_a log pi_a = sum_a pi_a logits_a - log_norm, as the probabilities sum to 1
-        weighted = torch.einsum("skn,skn->sk", self.probs, self.logits)
-        return self.log_norm.squeeze(-1) - weighted
+        """H = -sum_a pi_a log pi_a per seed and context, ``[S, K]`` (nats): one pass over the weights."""
+        # sum_a pi_a log pi_a = sum_a w_a logits_a / Z - log_norm, as the probabilities sum to 1
+        weighted = torch.einsum("skn,skn->sk", self.weights, self.logits)
+        return self.log_norm.squeeze(-1) - weighted / self.normaliser.squeeze(-1)
 
     def entropy_gradient(self) -> Tensor:
         """dH/dlogits = -pi (log pi + H), ``[S, K, n]``; its negative is the paper's Q(a)."""

@@ -156,12 +156,12 @@ def sample_batch(policy: SoftmaxState, config: LabConfig, generator: torch.Gener
     contexts = torch.randint(contexts_n, (seeds, prompts), generator=generator)
     # Every context row draws prompts * group_size iid actions; prompt p of a seed takes the p-th group of
     # its own context's draws, so prompts that share a context get disjoint, independent draws.
-    draws = torch.multinomial(
-        policy.probs.view(seeds * contexts_n, n), prompts * group_size, replacement=True, generator=generator
-    ).view(seeds, contexts_n, prompts, group_size)
+    weights = policy.weights.view(seeds * contexts_n, n)
+    draws = torch.multinomial(weights, prompts * group_size, replacement=True, generator=generator)
+    draws = draws.view(seeds, contexts_n, prompts, group_size)
     actions = draws.gather(1, contexts.view(seeds, 1, prompts, 1).expand(-1, 1, -1, group_size)).squeeze(1)
+    flat_actions = contexts.unsqueeze(-1) * n + actions
     sample_contexts = contexts.unsqueeze(-1).expand(-1, -1, group_size)
-    flat_actions = sample_contexts * n + actions
     logp_old = policy.log_probs_at(flat_actions.reshape(seeds, -1), sample_contexts.reshape(seeds, -1))
     advantages = config.reward.sample_advantages((seeds, prompts), group_size, generator, policy.logits.dtype)
     orders = torch.rand(config.passes, seeds, prompts, generator=generator).argsort(-1)
@@ -207,31 +207,34 @@ def ascend(
     config: LabConfig,
     adam: torch.optim.Adam | None = None,
     lr: float | None = None,
+    log_probs: Tensor | None = None,
 ) -> None:
     """Take one optimiser step on sample weights ``weights`` ``[S, B]`` (npg touches only the sampled logits).
 
     ``lr`` overrides ``config.lr`` for pg and npg, whose steps are linear in it (a negative value steps
-    backwards); Adam keeps the rate it was built with.
+    backwards); Adam keeps the rate it was built with. ``log_probs``: log pi of the samples ``[S, B]`` at
+    the current policies, where the caller has them (npg divides by pi).
     """
     seeds, contexts_n, n = policy.shape
     lr = config.lr if lr is None else lr
     if config.optimiser == "npg":
-        probs = policy.log_probs_at(flat_actions, contexts).exp()
+        probs = (policy.log_probs_at(flat_actions, contexts) if log_probs is None else log_probs).exp()
         # a clipped sample (weight 0) of an action whose probability underflowed must not move: 0 / 0
         natural = torch.where(weights != 0, weights / probs, 0.0)
         policy.add_at(flat_actions, contexts, (lr * contexts_n) * natural)
         return
     context_weight = policy.logits.new_zeros(seeds, contexts_n).scatter_add_(1, contexts, weights)
     if config.optimiser == "pg":
-        policy.logits.addcmul_(policy.probs, context_weight.unsqueeze(-1), value=-lr)
         policy.logits.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, lr * weights)
-    else:
-        grad = policy.logits.grad
-        if adam is None or grad is None:
-            raise ValueError("the adam optimiser needs its state: see make_optimiser")
-        torch.mul(policy.probs, context_weight.unsqueeze(-1), out=grad)
-        grad.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, -weights)
-        adam.step()
+        policy.step_along_probs(-lr * context_weight)
+        return
+    grad = policy.logits.grad
+    if adam is None or grad is None:
+        raise ValueError("the adam optimiser needs its state: see make_optimiser")
+    # pi = weights / normaliser: the per-context factor takes the division, so pi is never formed
+    torch.mul(policy.weights, context_weight.unsqueeze(-1) / policy.normaliser, out=grad)
+    grad.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, -weights)
+    adam.step()
     policy.refresh()
 
 
@@ -266,7 +269,7 @@ def run_update(
         weights, out = surrogate_weights(logp_new, minibatch.logp_old, minibatch.advantages, config.clip)
         if observer is not None:
             observer.before_step(policy)
-        ascend(policy, minibatch.contexts, minibatch.flat_actions, weights, config, adam)
+        ascend(policy, minibatch.contexts, minibatch.flat_actions, weights, config, adam, log_probs=logp_new)
         if observer is not None:
             observer.after_step(policy)
         stats.append(out.stats)
