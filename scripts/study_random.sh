@@ -19,3 +19,17 @@ WORKERS=${WORKERS:-2}
 
 mkdir -p docs/results/random
 cp -r runs/study/random/plots runs/study/random/report.md runs/study/random/summary.json docs/results/random/
+
+# The theory lab's prediction for the same bounds: a tabular softmax policy over the tiny model's 16
+# tokens at its entropy (0.67 nats), the same groups, advantages, epochs and minibatches, PG and Adam.
+: > runs/study/random/theory.jsonl
+for bounds in "0.05 0.2" "0.1 0.2" "0.2 0.2" "0.3 0.2" "0.05 0.28" "0.1 0.28" "0.2 0.28" "0.3 0.28" \
+              "0.2 0.1" "0.2 0.4" "0.2 none"; do
+  read -r low high <<< "$bounds"
+  for optimiser in pg adam; do
+    "$ENTROCLIP" theory drift --eps-low "$low" --eps-high "$high" --optimiser "$optimiser" --n 16 \
+      --entropy 0.67 --advantage drgrpo --prompts 16 --group-size 8 --mu 4 --minibatches 4 \
+      --seeds 5000 --json >> runs/study/random/theory.jsonl
+  done
+done
+cp runs/study/random/theory.jsonl docs/results/random/
