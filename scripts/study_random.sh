@@ -33,3 +33,4 @@ for bounds in "0.05 0.2" "0.1 0.2" "0.2 0.2" "0.3 0.2" "0.05 0.28" "0.1 0.28" "0
   done
 done
 cp runs/study/random/theory.jsonl docs/results/random/
+"${PYTHON:-.venv/bin/python}" scripts/study_trend.py runs/study/random | tee docs/results/random/trend.txt
