@@ -167,6 +167,14 @@ def _chunk_backward(
     return out.div_(temperature) if temperature != 1.0 else out
 
 
+def _join(parts: tuple[Tensor | None, ...]) -> Tensor | None:
+    """The chunks' ``[n]`` values of one sum as one ``[N]`` tensor (None if not computed)."""
+    tensors = [t for t in parts if t is not None]
+    if not tensors:
+        return None
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
     return t[rows] if t is not None else None
 
@@ -188,7 +196,7 @@ class _TokenStatsFunction(torch.autograd.Function):
             _chunk_sums(logits[i : i + rows], _rows(tokens, slice(i, i + rows)), temperature, moments, work)
             for i in range(0, max(logits.shape[0], 1), rows)
         ]
-        sums = _Sums(*(torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)))
+        sums = _Sums._make(_join(col) for col in zip(*parts, strict=True))
         log2_s0, logp, h, kappa = _statistics(sums)
         ctx.save_for_backward(logits, tokens, sums.shift, log2_s0, h)
         ctx.temperature, ctx.rows = temperature, rows
