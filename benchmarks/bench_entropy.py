@@ -26,9 +26,8 @@ NAME = "entropy"
 TITLE = "Exact entropy over a 151,936 vocabulary"
 VOCAB = 151_936
 TARGET_TOKENS = 8_192
-DEFAULT_CHUNK = 1_024
-#: rows per chunk of the proposed default (about 2**19 logits per chunk; see benchmarks/PROPOSALS.md)
-PROPOSED_CHUNK = max(1, (1 << 19) // VOCAB)
+#: a large chunk (rows), whose float32 buffers (0.6 GiB each) are far out of the cache
+LARGE_CHUNK = 1_024
 #: fraction of MemAvailable a measurement may plan to use (the rest is left to neighbours)
 MEMORY_SHARE = 0.7
 
@@ -68,11 +67,12 @@ def label(name: str) -> str:
 
 
 def library_default() -> str:
-    import inspect
+    import torch
 
-    from entroclip.entropy import token_entropy
+    from entroclip.entropy import chunk_rows
 
-    return f"chunk_size={inspect.signature(token_entropy).parameters['chunk_size'].default}"
+    rows = chunk_rows(torch.empty(0, VOCAB), None)
+    return f"chunk_size=None: {rows} row{'s' if rows > 1 else ''} per chunk"
 
 
 # ----- children (fresh processes) ---------------------------------------------------------------------
@@ -136,9 +136,7 @@ def gib(n: float) -> str:
 
 def run(quick: bool, threads: int) -> dict[str, Any]:
     target = 512 if quick else TARGET_TOKENS
-    chunks = (
-        [0, PROPOSED_CHUNK, DEFAULT_CHUNK] if quick else [0, PROPOSED_CHUNK, 16, 256, DEFAULT_CHUNK, 4096]
-    )
+    chunks = [0, 16, LARGE_CHUNK] if quick else [0, 4, 16, 256, LARGE_CHUNK, 4096]
     reps = 2 if quick else 5
     probe_tokens = 128 if quick else 512
     common = ["--threads", str(threads)]
@@ -200,8 +198,8 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
                 str(target),
                 "--chunks",
                 "0",
-                str(PROPOSED_CHUNK),
-                str(DEFAULT_CHUNK),
+                "16",
+                str(LARGE_CHUNK),
                 "--reps",
                 str(max(reps - 2, 2)),
                 *common,
@@ -255,7 +253,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     if timing_target is not None:
         t_naive_target = t_naive * target / naive_tokens
         target_rows = []
-        for c in (0, PROPOSED_CHUNK, DEFAULT_CHUNK):
+        for c in (0, 16, LARGE_CHUNK):
             times_c = timing_target["times"][key(c)]
             extra_c = memory[(key(c), target)]["extra_bytes"]
             target_rows.append(
@@ -306,25 +304,20 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         ),
     ]
     prose = (
-        "The fast path is `token_entropy`: it walks the rows in chunks of `chunk_size` positions and "
-        "computes "
-        "one float32 `log_softmax` per chunk, then `-(exp(logp) * logp).sum(-1)`, so its extra memory is a "
-        "few chunk-sized buffers, independent of the token count. The naive "
-        "`Categorical(logits=x).entropy()` keeps the normalised logits and the probabilities (two full "
-        "copies), makes a clamped copy and the product, and validates its argument "
+        "The fast path is `token_entropy`, the entropy output of `token_stats`: it walks the rows in "
+        "chunks of `chunk_size` positions and makes one float32 pass over each chunk (d = z - max z, "
+        "e = exp(d), H = log sum e - sum e d / sum e), so its extra memory is a few chunk-sized buffers, "
+        "independent of the token count. The naive `Categorical(logits=x).entropy()` keeps the "
+        "normalised logits and the probabilities (two full copies), makes a clamped copy and the product, "
+        "and validates its argument "
         f"(about {naive_per_token / input_per_token:.1f}x the input in extra memory). "
-        f"With the library's default ({library_default()}) the chunked path takes {t_ratio:.2f}x the naive "
-        f"time (goal <= 1.2: {'met' if t_ratio <= 1.2 else 'missed'}) and {m_ratio_target:.3f} of its extra "
-        "memory "
-        f"at {target} tokens (goal <= 0.125: {'met' if m_ratio_target <= 1 / 8 else 'missed'}); "
-        f"the results agree to {diff:.1e} nats. The fastest chunk size here is {best} rows "
-        f"({best_ratio:.2f}x the naive time): a chunk whose buffers fit in the cache is read from memory "
-        "once, "
-        "and buffers of a few MiB are reused from the allocator's free list, while larger ones are mapped "
-        "afresh (and page-faulted) on every call. The proposed default of about 2^19 logits per chunk "
-        f"({PROPOSED_CHUNK} rows at this vocabulary) is the row `chunk_size={PROPOSED_CHUNK}`; the memory "
-        "that grows with the token count at small chunk sizes is the allocator's heap held by the per-chunk "
-        "results (see benchmarks/PROPOSALS.md)."
+        f"With the library's default ({library_default()}; about 2^18 logits per chunk on a CPU) the "
+        f"chunked path takes {t_ratio:.2f}x the naive time (goal <= 1.2: "
+        f"{'met' if t_ratio <= 1.2 else 'missed'}) and {m_ratio_target:.3f} of its extra memory at {target} "
+        f"tokens (goal <= 0.125: {'met' if m_ratio_target <= 1 / 8 else 'missed'}); the results agree to "
+        f"{diff:.1e} nats. The fastest chunk size here is {best} rows ({best_ratio:.2f}x the naive time): a "
+        "chunk whose buffers fit in the cache is read from memory once, and small buffers are reused from "
+        "the allocator's free list, while large ones are mapped afresh (and page-faulted) on every call."
     )
     data = {
         "naive_tokens": naive_tokens,
@@ -351,8 +344,8 @@ def main() -> None:
     parser.add_argument("--timing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-naive", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=TARGET_TOKENS, help=argparse.SUPPRESS)
-    parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[DEFAULT_CHUNK], help=argparse.SUPPRESS)
+    parser.add_argument("--chunk", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0], help=argparse.SUPPRESS)
     parser.add_argument("--reps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_json is not None:

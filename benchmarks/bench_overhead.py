@@ -1,12 +1,12 @@
 """Overhead of the entropy diagnostics on an update step.
 
 ``entroclip.update.run_update`` on configs/quick.yaml's batch (128 sequences, 6 new tokens, 4 epochs x 4
-minibatches) with ``UpdateSettings(attribution=True)`` (kappa: one more chunked pass over the vocabulary
-per minibatch step, and the clip attribution) against ``attribution=False``. A bare update (the same
+minibatches) with ``UpdateSettings(attribution=True)`` (kappa from the same fused pass over the vocabulary
+that gives the log-probs, and the clip attribution) against ``attribution=False``. A bare update (the same
 forward, a minimal clipped loss, backward, grad clip, AdamW; no clip masks, statistics or attribution) shows
 what all of the diagnostics together cost. Models: the built-in tiny-0.1m (16-symbol vocabulary), tiny-3m,
-and a tiny-0.1m-shaped Llama with a 32,000-word vocabulary, where the extra pass over the vocabulary weighs
-most. Each update starts from the same weights and a fresh optimizer; the variants run interleaved.
+and a tiny-0.1m-shaped Llama with a 32,000-word vocabulary, where work per vocabulary entry weighs most.
+Each update starts from the same weights and a fresh optimizer; the variants run interleaved.
 """
 
 from __future__ import annotations
@@ -97,15 +97,14 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     )
     met = [g["met"] for g in goals]
     prose = (
-        "With `attribution=True` each minibatch step runs `entropy_sensitivity` on the detached logits "
-        "(one chunked float32 pass over the vocabulary, no autograd) and `clip_attribution` (a few "
-        "[B, T] tensors); the clip masks and ratio statistics are part of every step. "
+        "With `attribution=True` each minibatch step takes kappa from the same chunked float32 pass over "
+        "the vocabulary that gives the log-probs (`token_stats`: the entropy and two more row sums per "
+        "chunk, no autograd) and runs `clip_attribution` (a few [B, T] tensors); the clip masks and ratio "
+        "statistics are part of every step. "
         + (
             "Every overhead measured is under 5%."
             if all(met)
-            else "Over 5%: "
-            + "; ".join(g["goal"] for g in goals if not g["met"])
-            + " (profile and proposed change: benchmarks/PROPOSALS.md)."
+            else "Over 5%: " + "; ".join(g["goal"] for g in goals if not g["met"]) + "."
         )
         + " The last column compares with a bare update (same forward, backward, clipping of the gradient "
         "and AdamW step, a three-line clipped loss, no statistics): the cost of all of the diagnostics "

@@ -28,6 +28,7 @@ import harness
 BENCHMARKS = ["entropy", "overhead", "rollout", "step", "theory", "flops"]
 DEFAULT_THREADS = 1
 PROPOSALS = harness.BENCH_DIR / "PROPOSALS.md"
+CHANGES = harness.BENCH_DIR / "CHANGES.md"
 
 
 def git_state(src: Path) -> str:
@@ -144,6 +145,9 @@ def render(results: dict[str, dict[str, Any]], info: dict[str, Any], args: argpa
         for g in r["goals"]:
             rows.append([name, g["goal"], g["measured"], met_text(g["met"])])
     lines += markdown_table(["benchmark", "goal", "measured", "met"], rows)
+    if CHANGES.is_file():
+        lines += ["", f"## Changes, before and after (from [{CHANGES.name}]({CHANGES.name}))", ""]
+        lines += [CHANGES.read_text().strip()]
     for i, name in enumerate(BENCHMARKS, 1):
         r = results.get(name)
         if r is None:
