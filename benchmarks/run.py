@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/run.py --quick             # smoke run, writes benchmarks/results-quick/
     .venv/bin/python benchmarks/run.py --only entropy --only rollout
     .venv/bin/python benchmarks/run.py --src /tmp/patched/src --out /tmp/after.md   # a patched copy of src
+    .venv/bin/python benchmarks/run.py --render-only       # rebuild RESULTS.md from results/*.json
 
 Each benchmark runs in its own process (``benchmarks/bench_NAME.py``) and leaves its result as JSON in the
 results folder; RESULTS.md is rebuilt from every JSON there, so ``--only`` refreshes one section and keeps
@@ -127,7 +128,7 @@ def render(results: dict[str, dict[str, Any]], info: dict[str, Any], args: argpa
         ),
         "",
         f"The machine is shared: other jobs ran during the measurements (load average {m['load_average']} "
-        "when this run started; each section gives the load before and after it). torch uses "
+        "when this file was written; each section gives the load before and after its run). torch uses "
         f"{args.threads} intra-op thread(s) throughout (`torch.set_num_threads`; `run.threads` defaults to 1 "
         "in entroclip, and with other jobs on both cores a second OpenMP thread mostly waits for its time "
         "slice). `--threads 2` measures with two.",
@@ -198,12 +199,15 @@ def main() -> None:
         help="markdown file (default benchmarks/RESULTS.md; quick: benchmarks/results-quick/RESULTS.md)",
     )
     parser.add_argument("--src", type=Path, default=harness.REPO / "src", help="import entroclip from here")
+    parser.add_argument(
+        "--render-only", action="store_true", help="rebuild the markdown from the JSON results, run nothing"
+    )
     args = parser.parse_args()
     only = [n.strip() for group in args.only or [] for n in group.split(",") if n.strip()]
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {BENCHMARKS}")
-    selected = [n for n in BENCHMARKS if not only or n in only]
+    selected = [] if args.render_only else [n for n in BENCHMARKS if not only or n in only]
     quick_dir = harness.BENCH_DIR / "results-quick"
     default_out = quick_dir / "RESULTS.md" if args.quick else harness.BENCH_DIR / "RESULTS.md"
     out = (args.out or default_out).resolve()
