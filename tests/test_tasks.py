@@ -221,3 +221,35 @@ def test_reasoning_gym_task():
         make_task("reasoning_gym", dataset="basic_arithmetic", config={"seed": 1})
     with pytest.raises(ValueError, match="invalid config for reasoning-gym dataset 'basic_arithmetic'"):
         make_task("reasoning_gym", dataset="basic_arithmetic", config={"no_such_option": 1})
+
+
+RGYM_OPTIONS = (
+    "{dataset: basic_arithmetic, size: 200, eval_size: 40, "
+    "config: {min_terms: 2, max_terms: 2, max_digits: 1, operators: ['+']}}"
+)
+
+
+def test_sft_on_a_reasoning_gym_task(tmp_path):
+    """`entroclip sft --options` builds the task from a YAML mapping; a too-small held-out split fails
+    before any training, and a bad mapping names the flag."""
+    pytest.importorskip("reasoning_gym")
+    from typer.testing import CliRunner
+
+    from entroclip.cli import app
+
+    runner = CliRunner()
+    base = ["sft", "--task", "reasoning_gym", "--steps", "2", "--batch-size", "8", "--eval-prompts", "16"]
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "m"), "--options", RGYM_OPTIONS])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "m" / "sft_summary.json").read_text())
+    assert summary["steps"] == 2.0 and 0.0 <= summary["accuracy"] <= 1.0
+    tokenizer_chars = json.loads((tmp_path / "m" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert {"C", "+", "."} <= set(tokenizer_chars)  # the alphabet of "Calculate 3 + 4."
+
+    small = RGYM_OPTIONS.replace("eval_size: 40", "eval_size: 5")
+    result = runner.invoke(app, [*base, "--out", str(tmp_path / "small"), "--options", small])
+    assert result.exit_code == 2 and "held-out examples, 16 were asked for" in result.output
+    assert not (tmp_path / "small").exists()
+    for bad, message in (("[1, 2]", "must be a YAML mapping"), ("{a: [", "not valid YAML")):
+        result = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--options", bad])
+        assert result.exit_code == 2 and message in result.output

@@ -80,25 +80,35 @@ def sft(
     out: Annotated[Path, typer.Option(help="folder for the fine-tuned model")] = Path("runs/sft"),
     model: Annotated[str, typer.Option(help="built-in model name or local model folder")] = "tiny-0.1m",
     task: Annotated[str, typer.Option(help="task with answers")] = "addition",
+    options: Annotated[
+        str, typer.Option(help="task options as a YAML mapping, e.g. '{dataset: basic_arithmetic}'")
+    ] = "{}",
     steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 600,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-3,
     seed: Annotated[int, typer.Option(min=0)] = 0,
+    eval_prompts: Annotated[int, typer.Option(min=1, help="held-out prompts for the accuracy")] = 256,
     threads: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
-    """Supervised warm-up of a small model on a procedural task (about a minute for tiny-0.1m)."""
+    """Supervised warm-up of a small model on a task with answers (about a minute for tiny-0.1m)."""
     import torch
+    import yaml
 
     from entroclip.sft import SFTSettings, supervised_warmup
     from entroclip.tasks import make_task
 
     torch.set_num_threads(threads)
     try:
-        task_obj = make_task(task)
-        summary = supervised_warmup(
-            task_obj, model, out, SFTSettings(steps, batch_size, lr, seed=seed), console
-        )
-    except ValueError as err:
+        task_options = yaml.safe_load(options)
+    except yaml.YAMLError as err:
+        raise fail(f"--options is not valid YAML: {err}") from None
+    if not isinstance(task_options, dict):
+        raise fail(f"--options must be a YAML mapping of task options, got {options!r}")
+    try:
+        task_obj = make_task(task, **task_options)
+        settings = SFTSettings(steps, batch_size, lr, seed=seed, eval_prompts=eval_prompts)
+        summary = supervised_warmup(task_obj, model, out, settings, console)
+    except (ValueError, TypeError, ImportError) as err:
         raise fail(str(err)) from None
     console.print(
         f"saved {out}: held-out accuracy {summary['accuracy']:.2%}, final loss {summary['final_loss']:.3f}"

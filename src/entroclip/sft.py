@@ -74,6 +74,7 @@ def supervised_warmup(
     the saved model, reloaded through ``from_pretrained``.
     """
     console = console or Console(stderr=True)
+    held_out = task.eval_examples(settings.eval_prompts, seed=settings.seed)  # fails before any training
     out_dir.mkdir(parents=True, exist_ok=True)
     source = Path(model_source)
     if not (source / "config.json").is_file():
@@ -115,7 +116,6 @@ def supervised_warmup(
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out_dir)
     reloaded, reloaded_tokenizer = load_policy(out_dir)
-    held_out = task.eval_examples(settings.eval_prompts, seed=settings.seed)
     acc = accuracy(reloaded, reloaded_tokenizer, held_out, settings.chat_template, settings.seed)
     summary = {"final_loss": loss_value, "accuracy": acc, "steps": float(total)}
     atomic_write_text(out_dir / "sft_summary.json", json.dumps(summary, indent=1))
