@@ -27,7 +27,7 @@ from entroclip.distributed import (
 from entroclip.policy.builtin import save_builtin
 from entroclip.policy.loading import load_policy
 from entroclip.policy.sampling import sample
-from entroclip.update import UpdateBatch, UpdateSettings, run_update
+from entroclip.update import StepFunctions, UpdateBatch, UpdateSettings, run_update
 from entroclip.value import ValueHead
 
 ALPHABET = "0123456789+="
@@ -74,8 +74,9 @@ def parallelize(module, ctx, parallel):
     return torch.nn.parallel.DistributedDataParallel(module)
 
 
-def one_step(model_dir, batch, agg, ctx=None, parallel="ddp"):
-    """One update from the same initial weights; the whole weights (on rank 0) and the global metrics."""
+def one_step(model_dir, batch, agg, ctx=None, parallel="ddp", compiled=False):
+    """One update from the same initial weights; the whole weights (on rank 0) and the global metrics.
+    ``compiled``: the minibatch steps compiled (torch.compile with the cheap aot_eager backend)."""
     torch.manual_seed(0)
     model, _ = load_policy(model_dir)
     modules = [model] + ([ValueHead(model.config.hidden_size)] if batch.returns is not None else [])
@@ -84,10 +85,14 @@ def one_step(model_dir, batch, agg, ctx=None, parallel="ddp"):
     optimizer = torch.optim.SGD(params, lr=1.0)  # parameters move by exactly -grad
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     head = wrapped[1] if len(wrapped) > 1 else None
-    kwargs = {"ctx": ctx} if ctx is not None else {}
+    kwargs: dict = {"ctx": ctx} if ctx is not None else {}
+    if compiled:
+        kwargs["functions"] = StepFunctions(compile=True, backend="aot_eager")
     stats, _ = run_update(
         wrapped[0], optimizer, scheduler, batch, settings(agg), 0, value_head=head, **kwargs
     )
+    if compiled:
+        assert kwargs["functions"].compiled, "compilation failed, the update fell back to eager"
     if ctx is not None:
         stats = stats.reduced(ctx)
     weights = {
@@ -103,12 +108,12 @@ def join_env(rank: int, world: int, port: int) -> DistContext:
     return init_distributed()
 
 
-def _worker(rank, world, port, model_dir, agg, parallel, value_head, out_file):
+def _worker(rank, world, port, model_dir, agg, parallel, value_head, out_file, compiled=False):
     ctx = join_env(rank, world, port)
     batch = make_batch(model_dir, value_head)
     rows = torch.arange(batch.advantages.shape[0])
     local = batch.select(torch.tensor(ctx.shard(rows.tolist())))
-    weights, metrics = one_step(model_dir, local, agg, ctx, parallel)
+    weights, metrics = one_step(model_dir, local, agg, ctx, parallel, compiled)
     if ctx.is_main:
         torch.save({"weights": weights, "metrics": metrics}, out_file)
     dist.destroy_process_group()
@@ -137,17 +142,20 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("parallel", "agg", "value_head"),
+    ("parallel", "agg", "value_head", "compiled"),
     [
-        ("ddp", "token-mean", False),
-        ("ddp", "seq-mean-token-mean", False),
-        ("fsdp", "seq-mean-token-mean", True),
+        ("ddp", "token-mean", False, False),
+        ("ddp", "seq-mean-token-mean", False, False),
+        ("fsdp", "seq-mean-token-mean", True, False),
+        ("ddp", "token-mean", False, True),
+        ("fsdp", "seq-mean-token-mean", True, True),
     ],
 )
-def test_two_ranks_equal_one_process(model_dir, tmp_path, parallel, agg, value_head):
+def test_two_ranks_equal_one_process(model_dir, tmp_path, parallel, agg, value_head, compiled):
+    """Also with the ranks' minibatch steps compiled (run.compile), against the eager single process."""
     single_weights, single_metrics = one_step(model_dir, make_batch(model_dir, value_head), agg)
     out_file = tmp_path / "rank0.pt"
-    spawn_two(_worker, model_dir, agg, parallel, value_head, out_file)
+    spawn_two(_worker, model_dir, agg, parallel, value_head, out_file, compiled)
     got = torch.load(out_file)
     assert got["weights"].keys() == single_weights.keys()
     for name, value in single_weights.items():

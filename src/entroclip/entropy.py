@@ -325,21 +325,36 @@ def clip_attribution(
     is the first-order change of the update as taken; every term assumes each token has its own logits
     (the tabular model), so with shared parameters it is a per-token proxy, not a prediction.
     """
+    terms = attribution_terms(out, kappa, advantages, logp_new, logp_old, mask).tolist()
+    return dict(zip(EFFECT_KEYS, terms, strict=True))
+
+
+@torch.no_grad()
+def attribution_terms(
+    out: SurrogateOutput,
+    kappa: Tensor,
+    advantages: Tensor,
+    logp_new: Tensor,
+    logp_old: Tensor,
+    mask: Tensor,
+) -> Tensor:
+    """:func:`clip_attribution` as a float32 tensor ``[6]`` in the order of ``EFFECT_KEYS`` (no host
+    sync; a fixed set of operations, so that it compiles into the minibatch step)."""
     mask = mask.bool()
     adv = broadcast_advantages(advantages, mask).float()
     log_ratio = (logp_new.detach().float() - logp_old.float()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    ratio = torch.where(mask, log_ratio.exp(), torch.zeros_like(log_ratio))
-    contribution = torch.where(mask, adv * ratio * out.token_scale * kappa.float(), torch.zeros_like(ratio))
+    zero = torch.zeros_like(log_ratio)
+    ratio = torch.where(mask, log_ratio.exp(), zero)
+    contribution = torch.where(mask, adv * ratio * out.token_scale * kappa.float(), zero)
     removed = out.clip_low | out.clip_high | out.dual | out.detached
     unclipped = mask & ~removed
-    terms = torch.stack(
-        [
-            -contribution[out.clip_low].sum(),
-            -contribution[out.clip_high].sum(),
-            -contribution[out.dual].sum(),
-            -contribution[out.detached].sum(),
-            contribution[unclipped & (adv > 0)].sum(),
-            contribution[unclipped & (adv < 0)].sum(),
-        ]
-    ).tolist()
-    return dict(zip(EFFECT_KEYS, terms, strict=True))
+    groups = (
+        out.clip_low,
+        out.clip_high,
+        out.dual,
+        out.detached,
+        unclipped & (adv > 0),
+        unclipped & (adv < 0),
+    )
+    signs = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0], device=contribution.device)
+    return torch.stack([torch.where(g, contribution, zero).sum() for g in groups]) * signs

@@ -15,7 +15,7 @@ On each of these tokens the gradient of the loss is exactly zero; elsewhere the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, get_args
 
 import torch
@@ -174,6 +174,53 @@ def clipped_surrogate(
         token_penalty: optional per-token loss term ``[B, T]`` added before aggregation (KL-Cov).
     """
     _check_eps(eps_low, eps_high, dual_clip)
+    out, extra = surrogate_terms(
+        logp_new,
+        logp_old,
+        advantages,
+        mask,
+        eps_low,
+        eps_high,
+        dual_clip,
+        agg,
+        max_len,
+        entropy=entropy if entropy_coef != 0.0 else None,
+        entropy_coef=entropy_coef,
+        logp_ref=logp_ref if kl_coef != 0.0 else None,
+        kl_coef=kl_coef,
+        kl_kind=kl_kind,
+        detach=detach,
+        token_penalty=token_penalty,
+    )
+    masks = (out.clip_low, out.clip_high, out.dual)
+    stats = _surrogate_stats(out.pg_loss.detach(), out.ratio, mask.bool(), *masks, extra)
+    return replace(out, stats=stats)
+
+
+def surrogate_terms(
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float | Tensor | None,
+    eps_high: float | Tensor | None,
+    dual_clip: float | None = None,
+    agg: Aggregation = "token-mean",
+    max_len: int | None = None,
+    *,
+    entropy: Tensor | None = None,
+    entropy_coef: float | Tensor = 0.0,
+    logp_ref: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_kind: KLKind = "k3",
+    detach: Tensor | None = None,
+    token_penalty: Tensor | None = None,
+) -> tuple[SurrogateOutput, dict[str, Tensor]]:
+    """The tensors of :func:`clipped_surrogate` without its checks of the bounds and without ``stats``
+    (no host sync), and the extra statistics as tensors. The entropy bonus and the KL term are added
+    whenever ``entropy`` / ``logp_ref`` are given. ``eps_low``, ``eps_high`` and ``entropy_coef`` may be
+    0-d tensors, so that a compiled caller does not specialise on their values (they change from step to
+    step under a controller)."""
     _check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
     mask = mask.bool()
     adv = broadcast_advantages(advantages, mask).to(torch.float32)
@@ -209,12 +256,12 @@ def clipped_surrogate(
     pg_loss = (per_token * scale).sum()
     loss = pg_loss
     extra: dict[str, Tensor] = {}
-    if entropy is not None and entropy_coef != 0.0:
+    if entropy is not None:
         _check_shapes(entropy=entropy, mask=mask)
         ent_term = aggregate(entropy.float(), mask, agg, max_len)
         loss = loss - entropy_coef * ent_term
         extra["loss/entropy_bonus"] = ent_term.detach()
-    if logp_ref is not None and kl_coef != 0.0:
+    if logp_ref is not None:
         _check_shapes(logp_ref=logp_ref, mask=mask)
         zero = torch.zeros_like(adv)
         kl = kl_penalty(
@@ -226,8 +273,8 @@ def clipped_surrogate(
 
     if detach is not None:
         extra["clip_ratio/cov_mean"] = detached.sum() / mask.sum().clamp(min=1)
-    stats = _surrogate_stats(pg_loss.detach(), r, mask, clip_low, clip_high, dual, extra)
-    return SurrogateOutput(loss, pg_loss, clip_low, clip_high, dual, detached, r, scale, stats)
+    out = SurrogateOutput(loss, pg_loss, clip_low, clip_high, dual, detached, r, scale)
+    return out, extra
 
 
 def _surrogate_stats(

@@ -7,8 +7,10 @@ other clip bounds (the counterfactual attribution probe).
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
@@ -16,14 +18,14 @@ from transformers import PreTrainedModel
 
 from entroclip.control import clip_cov_select, kl_cov_select
 from entroclip.distributed import DistContext, global_loss_factor
-from entroclip.entropy import EFFECT_KEYS, clip_attribution, token_stats
+from entroclip.entropy import EFFECT_KEYS, attribution_terms, token_stats
 from entroclip.objectives import (
     LOG_RATIO_LIMIT,
     Aggregation,
     KLKind,
     broadcast_advantages,
     clip_masks,
-    clipped_surrogate,
+    surrogate_terms,
 )
 from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden
 from entroclip.value import ValueHead, clipped_value_loss
@@ -59,6 +61,7 @@ class UpdateBatch:
 
 
 SINGLE_PROCESS = DistContext()
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,61 @@ def minibatch_indices(batch_size: int, minibatches: int, generator: torch.Genera
     return list(torch.randperm(batch_size, generator=generator).chunk(minibatches))
 
 
+class StepFunctions:
+    """The tensor work of a minibatch step (the forward pass, the per-token statistics, the loss and the
+    step's statistics), run eagerly or compiled with ``torch.compile`` (``run.compile``).
+
+    Compiling removes most of the per-operator overhead (Python, dispatcher, autograd bookkeeping) of the
+    forward and the backward pass, which dominates the update of a small model; the first step of every
+    new shape pays the compilation. If compiling or running a compiled function fails, the step is taken
+    again eagerly, with a warning, and every later step runs eagerly.
+    """
+
+    def __init__(
+        self, compile: bool = False, backend: str = "inductor", options: dict[str, Any] | None = None
+    ) -> None:
+        """``backend`` and ``options`` go to ``torch.compile`` (``options`` for inductor only)."""
+        self.compiled = compile
+        self.backend = backend
+        self.options = options if backend == "inductor" else None
+        self._functions: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def get(self, function: Callable[..., T]) -> Callable[..., T]:
+        """``function`` as it runs: compiled (once per function) when on, else as it is."""
+        if not self.compiled:
+            return function
+        if function not in self._functions:
+            self._functions[function] = torch.compile(function, backend=self.backend, options=self.options)
+        return self._functions[function]
+
+    def run(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)``, compiled when on; a failure to compile falls back to eager. Only for
+        functions without side effects (a no-grad forward pass)."""
+        if not self.compiled:
+            return function(*args)
+        try:
+            return self.get(function)(*args)
+        except Exception as error:
+            self.fall_back(error)
+            return function(*args)
+
+    def fall_back(self, error: BaseException) -> None:
+        """Warn and run everything eagerly from here on."""
+        cause = getattr(error, "inner_exception", None) or error  # the backend's own error
+        first_line = next(iter(str(cause).strip().splitlines()), "")
+        warnings.warn(
+            f"run.compile: torch.compile failed, training continues eagerly "
+            f"({type(cause).__name__}: {first_line})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.compiled = False
+        self._functions.clear()
+
+
+EAGER = StepFunctions()
+
+
 def run_update(
     model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
@@ -189,6 +247,7 @@ def run_update(
     consecutive_skips: int = 0,
     value_head: ValueHead | None = None,
     ctx: DistContext = SINGLE_PROCESS,
+    functions: StepFunctions = EAGER,
 ) -> tuple[UpdateStats, int]:
     """Take ``epochs * minibatches`` optimizer steps; return the stats and the updated count of
     consecutive skipped steps.
@@ -196,16 +255,26 @@ def run_update(
     A step whose loss or gradient is not finite is skipped (no parameter or optimizer change). With a
     ``value_head`` (PPO), its clipped value loss is added with weight ``settings.value_coef``. Under data
     parallelism (``ctx``), ``model`` is the DDP-wrapped (or FSDP-sharded) policy and the batch is this
-    rank's share; the returned stats are this rank's (see :meth:`UpdateStats.reduced`).
+    rank's share; the returned stats are this rank's (see :meth:`UpdateStats.reduced`). ``functions``:
+    eager (the default) or compiled, see :class:`StepFunctions`.
     """
     stats = UpdateStats()
     generator = torch.Generator().manual_seed(shuffle_seed)
+    knobs = _knobs(settings)
     model.train()
     for _ in range(settings.epochs):
         for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
-            ok = _minibatch_step(
-                model, value_head, optimizer, batch.select(index), settings, stats, generator, ctx
-            )
+            args = (model, value_head, optimizer, batch.select(index), settings, knobs, stats, generator, ctx)
+            if not functions.compiled:
+                ok = _minibatch_step(*args, functions)
+            else:
+                state = generator.get_state()
+                try:
+                    ok = _minibatch_step(*args, functions)
+                except Exception as error:  # a failed compilation: the step again, eagerly
+                    functions.fall_back(error)
+                    generator.set_state(state)
+                    ok = _minibatch_step(*args, functions)
             if ok:
                 scheduler.step()
                 consecutive_skips = 0
@@ -214,53 +283,195 @@ def run_update(
     return stats, consecutive_skips
 
 
+class _Knobs(NamedTuple):
+    """The settings a controller changes from step to step, as 0-d tensors (None: off), so that a
+    compiled step does not specialise on their values. The bounds are float64 (``1 - eps`` is then the
+    same number as with Python floats), the coefficient float32 (the loss's dtype)."""
+
+    eps_low: Tensor | None
+    eps_high: Tensor | None
+    entropy_coef: Tensor | None
+
+
+def _knobs(settings: UpdateSettings) -> _Knobs:
+    def scalar(value: float | None, dtype: torch.dtype) -> Tensor | None:
+        return torch.tensor(value, dtype=dtype) if value is not None else None
+
+    coef = settings.entropy_coef if settings.entropy_coef != 0.0 else None
+    return _Knobs(
+        scalar(settings.eps_low, torch.float64),
+        scalar(settings.eps_high, torch.float64),
+        scalar(coef, torch.float32),
+    )
+
+
+#: The floats of one minibatch step in the order of the vector ``_loss_terms`` returns (then EFFECT_KEYS).
+_STEP_STATS = (
+    "tokens",
+    "clip_low",
+    "clip_high",
+    "dual",
+    "cov_selected",
+    "ratio_sum",
+    "ratio_min",
+    "ratio_max",
+    "loss_pg",
+    "value_loss",
+)
+
+
+def _policy_terms(
+    model: PreTrainedModel,
+    value_head: ValueHead | None,
+    mb: UpdateBatch,
+    temperature: float,
+    entropy: bool,
+    kappa: bool,
+    value_clip: float,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The forward pass of a minibatch: log-probs of the responses, entropy and kappa (when asked for)
+    and the clipped value loss (with a value head)."""
+    rollout = mb.rollout
+    if value_head is None:
+        logits, value_loss = response_logits(model, rollout, temperature), None
+    else:
+        logits, hidden = response_logits_and_hidden(model, rollout, temperature)
+        assert mb.old_values is not None and mb.returns is not None
+        value_loss = clipped_value_loss(
+            value_head(hidden), mb.old_values, mb.returns, rollout.response_mask, value_clip
+        )
+    logp_new, ent, kap = token_stats(logits, rollout.responses, entropy=entropy, kappa=kappa)
+    assert logp_new is not None
+    return logp_new, ent, kap, value_loss
+
+
+def _loss_terms(
+    mb: UpdateBatch,
+    terms: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None],
+    knobs: _Knobs,
+    settings: _StaticSettings,
+    detach: Tensor | None,
+    penalty: Tensor | None,
+    selected: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The surrogate loss (before the data-parallel factor), the value loss, and the step's statistics as
+    one float32 vector (``_STEP_STATS``, then ``EFFECT_KEYS`` when kappa is given)."""
+    logp_new, entropy, kappa, value_loss = terms
+    mask = mb.rollout.response_mask
+    out, _ = surrogate_terms(
+        logp_new,
+        mb.logp_old,
+        mb.advantages,
+        mask,
+        knobs.eps_low,
+        knobs.eps_high,
+        settings.dual_clip,
+        settings.agg,
+        settings.max_len,
+        entropy=entropy if knobs.entropy_coef is not None else None,
+        entropy_coef=knobs.entropy_coef if knobs.entropy_coef is not None else 0.0,
+        logp_ref=mb.logp_ref if settings.kl_coef != 0.0 else None,
+        kl_coef=settings.kl_coef,
+        kl_kind=settings.kl_kind,
+        detach=detach,
+        token_penalty=penalty,
+    )
+    with torch.no_grad():
+        r = out.ratio
+        clipped = out.clip_low | out.clip_high | out.dual
+        zero = torch.zeros((), dtype=torch.float32, device=r.device)
+        inf = torch.full((), math.inf, dtype=torch.float32, device=r.device)
+        values = [
+            mask.sum(),
+            out.clip_low.sum(),
+            out.clip_high.sum(),
+            out.dual.sum(),
+            (selected & ~clipped).sum() if selected is not None else zero,
+            torch.where(mask, r, zero).sum(),
+            torch.where(mask, r, inf).min() if r.numel() else inf,
+            torch.where(mask, r, -inf).max() if r.numel() else -inf,
+            out.pg_loss,
+            value_loss if value_loss is not None else zero,
+        ]
+        vector = torch.stack([v.float() for v in values])
+        if kappa is not None:
+            effects = attribution_terms(out, kappa, mb.advantages, logp_new, mb.logp_old, mask)
+            vector = torch.cat([vector, effects])
+    return out.loss, value_loss, vector
+
+
+def _step_terms(
+    model: PreTrainedModel,
+    value_head: ValueHead | None,
+    mb: UpdateBatch,
+    knobs: _Knobs,
+    settings: _StaticSettings,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``_policy_terms`` and ``_loss_terms`` of a step without Clip-Cov / KL-Cov, as one function (one
+    compiled graph)."""
+    terms = _policy_terms(
+        model, value_head, mb, settings.temperature, settings.entropy, settings.kappa, settings.value_clip
+    )
+    return _loss_terms(mb, terms, knobs, settings, None, None, None)
+
+
+@dataclass(frozen=True)
+class _StaticSettings:
+    """The settings a run keeps fixed (a compiled step specialises on them)."""
+
+    temperature: float
+    entropy: bool
+    kappa: bool
+    value_clip: float
+    dual_clip: float | None
+    agg: Aggregation
+    max_len: int | None
+    kl_coef: float
+    kl_kind: KLKind
+
+    @classmethod
+    def of(cls, settings: UpdateSettings) -> _StaticSettings:
+        return cls(
+            settings.temperature,
+            settings.entropy_coef != 0.0,
+            settings.attribution,
+            settings.value_clip,
+            settings.dual_clip,
+            settings.agg,
+            settings.max_len,
+            settings.kl_coef,
+            settings.kl_kind,
+        )
+
+
 def _minibatch_step(
     model: PreTrainedModel,
     value_head: ValueHead | None,
     optimizer: torch.optim.Optimizer,
     mb: UpdateBatch,
     settings: UpdateSettings,
+    knobs: _Knobs,
     stats: UpdateStats,
     generator: torch.Generator,
     ctx: DistContext,
+    functions: StepFunctions = EAGER,
 ) -> bool:
-    rollout = mb.rollout
-    mask = rollout.response_mask
-    if value_head is None:
-        logits, value_loss = response_logits(model, rollout, settings.temperature), None
+    mask = mb.rollout.response_mask
+    static = _StaticSettings.of(settings)
+    if settings.cov is None:
+        loss, value_loss, vector = functions.get(_step_terms)(model, value_head, mb, knobs, static)
     else:
-        logits, hidden = response_logits_and_hidden(model, rollout, settings.temperature)
-        assert mb.old_values is not None and mb.returns is not None
-        value_loss = clipped_value_loss(
-            value_head(hidden), mb.old_values, mb.returns, mask, settings.value_clip
+        terms = functions.get(_policy_terms)(
+            model, value_head, mb, static.temperature, static.entropy, static.kappa, static.value_clip
         )
-    logp_new, entropy, kappa = token_stats(
-        logits, rollout.responses, entropy=bool(settings.entropy_coef), kappa=settings.attribution
-    )
-    assert logp_new is not None
-    detach, penalty, selected = _covariance_terms(mb, logp_new, settings, generator)
-    out = clipped_surrogate(
-        logp_new,
-        mb.logp_old,
-        mb.advantages,
-        mask,
-        settings.eps_low,
-        settings.eps_high,
-        settings.dual_clip,
-        settings.agg,
-        settings.max_len,
-        entropy=entropy,
-        entropy_coef=settings.entropy_coef,
-        logp_ref=mb.logp_ref,
-        kl_coef=settings.kl_coef,
-        kl_kind=settings.kl_kind,
-        detach=detach,
-        token_penalty=penalty,
-    )
+        detach, penalty, selected = _covariance_terms(mb, terms[0], settings, generator)
+        loss, value_loss, vector = functions.get(_loss_terms)(
+            mb, terms, knobs, static, detach, penalty, selected
+        )
     # each rank's share of the global aggregate (1 in a single process); DDP averages the gradients
     factor = global_loss_factor(mask, settings.agg, ctx)
     token_factor = global_loss_factor(mask, "token-mean", ctx)
-    loss = out.loss * factor
+    loss = loss * factor
     if value_loss is not None:
         loss = loss + settings.value_coef * value_loss * token_factor
     optimizer.zero_grad(set_to_none=True)
@@ -275,26 +486,24 @@ def _minibatch_step(
         optimizer.zero_grad(set_to_none=True)
         stats.skipped_steps += 1
         return False
-    if kappa is not None:
-        for key, value in clip_attribution(out, kappa, mb.advantages, logp_new, mb.logp_old, mask).items():
-            stats.effects[key] += value * factor / ctx.world_size
     optimizer.step()
-    n = float(mask.sum())
-    valid_ratio = out.ratio[mask]
-    stats.tokens += n
-    stats.clip_low += float(out.clip_low.sum())
-    stats.clip_high += float(out.clip_high.sum())
-    stats.dual += float(out.dual.sum())
-    stats.cov_selected += float((selected & ~(out.clip_low | out.clip_high | out.dual)).sum())
-    stats.ratio_sum += float(valid_ratio.sum())
-    if valid_ratio.numel():
-        stats.ratio_min = min(stats.ratio_min, float(valid_ratio.min()))
-        stats.ratio_max = max(stats.ratio_max, float(valid_ratio.max()))
-    stats.loss_sum += out.stats["loss/pg"] * factor / ctx.world_size
+    values = dict(zip(_STEP_STATS + EFFECT_KEYS, vector.tolist(), strict=False))  # the one host sync
+    stats.tokens += values["tokens"]
+    stats.clip_low += values["clip_low"]
+    stats.clip_high += values["clip_high"]
+    stats.dual += values["dual"]
+    stats.cov_selected += values["cov_selected"]
+    stats.ratio_sum += values["ratio_sum"]
+    stats.ratio_min = min(stats.ratio_min, values["ratio_min"])
+    stats.ratio_max = max(stats.ratio_max, values["ratio_max"])
+    stats.loss_sum += values["loss_pg"] * factor / ctx.world_size
     stats.grad_norm_sum += float(grad_norm)
     if value_loss is not None:
-        stats.value_loss_sum += float(value_loss.detach()) * token_factor / ctx.world_size
+        stats.value_loss_sum += values["value_loss"] * token_factor / ctx.world_size
         stats.value_steps += 1
+    if settings.attribution:
+        for key in EFFECT_KEYS:
+            stats.effects[key] += values[key] * factor / ctx.world_size
     stats.optimizer_steps += 1
     return True
 
