@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import types
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,7 +27,7 @@ from entroclip.distributed import DistContext
 from entroclip.policy.builtin import build_builtin
 from entroclip.policy.loading import load_policy
 from entroclip.policy.sampling import Rollout, response_logits, sample, token_logprobs
-from entroclip.policy.vllm_backend import VLLMSampler, build_rollout, request_seeds
+from entroclip.policy.vllm_backend import VLLMSampler, build_rollout, request_seeds, sampled_logprobs
 from entroclip.trainer import Trainer
 
 ALPHABET = "0123456789+="
@@ -34,64 +35,163 @@ LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"
 
 
 # ----- the fake vllm module ----------------------------------------------------------------------------
+# It mirrors the source of vLLM 0.31.0 and 0.33.0 (the same there for all of this): the constructors and
+# methods take vLLM's parameter names, with vLLM's defaults, and reject any other name, so that a misspelt
+# or renamed argument fails here as it would on a GPU. Only the parameters we use are listed; add one
+# here after checking it in vLLM's source.
+LOGPROBS_MODES = ("raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs")  # config/model.py
+EXECUTOR_BACKENDS = ("ray", "mp", "uni", "external_launcher")  # config/parallel.py
+# ``EngineArgs`` fields (engine/arg_utils.py) that ``LLM`` takes through ``**kwargs``
+ENGINE_ARGS = frozenset(
+    {"enable_prefix_caching", "distributed_executor_backend", "max_num_batched_tokens", "logprobs_mode"}
+)
+INT64_MAX = (
+    2**63 - 1
+)  # model runner V2 keeps request seeds in an int64 tensor (v1/worker/gpu/sample/states.py)
+
+
 @dataclass
-class Logprob:
+class Logprob:  # logprobs.py
     logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
-class CompletionOutput:
-    token_ids: list[int]
+class CompletionOutput:  # outputs.py
+    index: int
     text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
     logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 @dataclass
-class RequestOutput:
-    prompt_token_ids: list[int]
+class RequestOutput:  # outputs.py (its leading positional parameters)
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
     outputs: list[CompletionOutput]
+    finished: bool
 
 
-class SamplingParams:
-    def __init__(self, **kwargs: Any) -> None:
-        self.__dict__.update(kwargs)
+@dataclass(kw_only=True)
+class SamplingParams:  # sampling_params.py (a msgspec Struct there), with the checks of its _verify_args
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    detokenize: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.n >= 1 and self.temperature >= 0 and 0 < self.top_p <= 1
+        assert self.max_tokens is None or self.max_tokens >= 1
+        assert self.logprobs is None or self.logprobs >= -1
+        assert self.seed is None or -(2**63) <= self.seed <= INT64_MAX
+
+
+class FakeModel:
+    """The engine's ``nn.Module``: ``load_weights`` takes an iterable of (name, tensor) as vLLM models do
+    (e.g. models/llama.py) and returns the names it loaded."""
+
+    def __init__(self, engine: FakeLLM) -> None:
+        self.engine = engine
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return self.engine.load_weights(weights)
 
 
 class FakeLLM:
-    """Records its arguments, requests, weight loads and cache resets; answers request ``i`` with
-    ``script[i]`` (response tokens, their log-probs)."""
+    """``vllm.LLM`` (entrypoints/llm.py). Records its arguments, requests, weight loads and cache resets;
+    answers request ``i`` with ``script[i]`` (response tokens, their log-probs)."""
 
     script: ClassVar[list[tuple[list[int], list[float]]]] = []
     last: ClassVar[FakeLLM | None] = None
 
-    def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        tensor_parallel_size: int = 1,
+        dtype: str = "auto",
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.92,
+        **kwargs: Any,
+    ) -> None:
+        unknown = set(kwargs) - ENGINE_ARGS
+        if unknown:
+            raise TypeError(f"EngineArgs.__init__() got unexpected keyword arguments {sorted(unknown)}")
+        assert kwargs.get("logprobs_mode", "raw_logprobs") in LOGPROBS_MODES
+        backend = kwargs.get("distributed_executor_backend")
+        assert backend is None or backend in EXECUTOR_BACKENDS
+        self.kwargs = {
+            "model": model,
+            "tokenizer": tokenizer,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "dtype": dtype,
+            "seed": seed,
+            **kwargs,
+        }
         self.events: list[str] = []
         self.loads: list[list[tuple[str, torch.Tensor]]] = []
         self.calls: list[tuple[list[dict], list[SamplingParams]]] = []
-        model = SimpleNamespace(load_weights=self.load_weights)
-        runner = SimpleNamespace(model_runner=SimpleNamespace(model=model))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=runner))
+        self.reset_succeeds = True
+        # v1/engine/llm_engine.py sets ``model_executor`` only for an in-process engine core, which the
+        # external launcher forces (config/parallel.py); the executor's ``driver_worker`` forwards
+        # attributes to the GPU worker (v1/worker/worker_base.py), whose ``model_runner.model`` is the model
+        self.llm_engine = SimpleNamespace()
+        if backend == "external_launcher":
+            runner = SimpleNamespace(model=FakeModel(self))
+            worker = SimpleNamespace(model_runner=runner)
+            self.llm_engine.model_executor = SimpleNamespace(driver_worker=worker)
         FakeLLM.last = self
 
-    def load_weights(self, weights: Any) -> None:
-        self.loads.append([(name, tensor.clone()) for name, tensor in weights])
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        batch = [(name, tensor.clone()) for name, tensor in weights]
+        self.loads.append(batch)
         self.events.append("load")
+        return {name for name, _ in batch}
 
-    def reset_prefix_cache(self) -> bool:
+    def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         self.events.append("reset")
-        return True
+        return self.reset_succeeds
 
-    def generate(self, prompts: list[dict], params: list[SamplingParams], use_tqdm: bool) -> list[Any]:
-        self.calls.append((prompts, params))
+    def generate(
+        self,
+        prompts: dict | Sequence[dict],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+        lora_request: Any = None,
+        priority: Any = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
+    ) -> list[RequestOutput]:
+        assert isinstance(prompts, list) and isinstance(sampling_params, list)
+        assert len(sampling_params) == len(prompts)  # a list of params pairs one by one with the prompts
+        self.calls.append((prompts, sampling_params))
         outputs = []
-        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+        for i, (prompt, p) in enumerate(zip(prompts, sampling_params, strict=True)):
+            assert set(prompt) == {"prompt_token_ids"}  # a TokensPrompt (inputs/llm.py) as a plain dict
             tokens, logps = self.respond(i, prompt["prompt_token_ids"], p)
-            # a decoy entry first, as with logprobs=N > 0; the text must not be used
-            steps = [{-1: Logprob(-99.0), t: Logprob(lp)} for t, lp in zip(tokens, logps, strict=True)]
-            outputs.append(
-                RequestOutput(prompt["prompt_token_ids"], [CompletionOutput(tokens, "unused", steps)])
-            )
+            steps = None
+            if p.logprobs is not None:
+                # the sampled token, then the p.logprobs most likely ones (stand-ins here)
+                steps = [
+                    {t: Logprob(lp, 1)} | {-(j + 1): Logprob(-99.0, j + 1) for j in range(p.logprobs)}
+                    for t, lp in zip(tokens, logps, strict=True)
+                ]
+            text = "unused" if p.detokenize else ""
+            completion = CompletionOutput(0, text, tokens, sum(logps), steps)
+            outputs.append(RequestOutput(str(i), None, prompt["prompt_token_ids"], None, [completion], True))
         return outputs
 
     def respond(self, i: int, ids: list[int], params: SamplingParams) -> tuple[list[int], list[float]]:
@@ -168,6 +268,18 @@ def test_torchrun_env_is_kept_and_engine_seeded_by_rank(fake_vllm, monkeypatch):
     make_sampler(tokenizer, DistContext(rank=3, world_size=4))
     assert {k: os.environ[k] for k in LAUNCHER_ENV} == torchrun
     assert fake_vllm.last.kwargs["seed"] == 3
+
+
+def test_the_fake_rejects_names_vllm_does_not_have(fake_vllm):
+    with pytest.raises(TypeError, match="logprob_mode"):
+        FakeLLM(model="m", logprob_mode="processed_logprobs")
+    with pytest.raises(TypeError):
+        FakeLLM(model="m", max_new_tokens=4)
+    with pytest.raises(TypeError):
+        SamplingParams(max_new_tokens=4)
+    with pytest.raises(AssertionError):
+        SamplingParams(seed=2**63)
+    assert not hasattr(FakeLLM(model="m").llm_engine, "model_executor")  # engine core in another process
 
 
 def test_missing_vllm_or_gpu_is_an_error(fake_vllm, monkeypatch):
@@ -259,6 +371,12 @@ def test_rollout_matches_hf_sample_on_the_same_tokens(fake_vllm):
     assert_rollouts_equal(rollout, reference)
 
 
+def test_sampled_logprobs_picks_the_sampled_token_among_the_top_ones():
+    steps = [{7: Logprob(-0.3, 2), 4: Logprob(-0.1, 1)}, {5: Logprob(-2.0, 3), 4: Logprob(-0.2, 1)}]
+    assert sampled_logprobs(CompletionOutput(0, "", [7, 5], -2.3, steps)) == [-0.3, -2.0]
+    assert sampled_logprobs(CompletionOutput(0, "", [7, 5], None, None)) == []
+
+
 def test_build_rollout_uses_the_given_device():
     _, tokenizer = tiny()
     rollout = build_rollout(tokenizer, [[4, 5]], [[6, 1]], [[-0.1, -0.2]], torch.device("cpu"))
@@ -287,6 +405,14 @@ def test_sync_weights_passes_every_weight_then_resets_the_prefix_cache(fake_vllm
     assert engine.events == ["load"] * len(loaded) + ["reset"]
 
 
+def test_a_failed_prefix_cache_reset_is_an_error(fake_vllm):
+    model, tokenizer = tiny()
+    sampler = make_sampler(tokenizer)
+    fake_vllm.last.reset_succeeds = False
+    with pytest.raises(RuntimeError, match="prefix cache"):
+        sampler.sync_weights(model)
+
+
 # ----- a trainer run through the fake engine ------------------------------------------------------------
 class HFBackedLLM(FakeLLM):
     """A fake engine that samples with the Hugging Face model saved in ``model`` and loads weights into it."""
@@ -295,11 +421,12 @@ class HFBackedLLM(FakeLLM):
         super().__init__(**kwargs)
         self.hf, self.tokenizer = load_policy(kwargs["model"])
 
-    def load_weights(self, weights: Any) -> None:
-        super().load_weights(weights)
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        weights = list(weights)
         with torch.no_grad():
             for name, tensor in weights:
                 self.hf.get_parameter(name).copy_(tensor)
+        return super().load_weights(weights)
 
     @torch.no_grad()
     def respond(self, i: int, ids: list[int], p: SamplingParams) -> tuple[list[int], list[float]]:

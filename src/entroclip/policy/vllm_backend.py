@@ -10,6 +10,12 @@ two numerical implementations.
 
 vLLM also stops at the end-of-sequence ids of the model's generation config, not only at the
 tokenizer's EOS; such a response ends at that token and is padded after it.
+
+The vLLM calls here (``LLM``'s arguments, ``SamplingParams``, ``generate`` with token-id prompts, the
+engine's model reached through ``llm_engine.model_executor.driver_worker.model_runner.model``,
+``reset_prefix_cache``, and the ``RequestOutput``/``CompletionOutput``/``Logprob`` attributes) were
+checked against the source of vLLM 0.31.0 and 0.33.0, where they are the same; TRL 1.16's colocate mode
+makes the same calls. ``logprobs_mode`` needs vLLM 0.10.0 or later (0.9.2 lacks it).
 """
 
 from __future__ import annotations
@@ -146,10 +152,12 @@ class VLLMSampler:
     def sync_weights(self, model: PreTrainedModel) -> None:
         """Load the trainer's current weights into the engine and drop the KV cached under the old ones
         (when sharded, every rank must call it)."""
+        # ``model_executor`` exists because the external launcher keeps the engine in this process
         engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         for name, tensor in engine_weights(model):
             engine_model.load_weights([(name, tensor)])
-        self.llm.reset_prefix_cache()
+        if not self.llm.reset_prefix_cache():  # False when some KV blocks are still held
+            raise RuntimeError("vLLM did not reset its prefix cache after the weight sync")
 
     def sample(
         self, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float, seed: int
@@ -158,7 +166,8 @@ class VLLMSampler:
         prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         params = self._params(len(prompts), max_new_tokens, temperature, top_p, seed)
         requests = [{"prompt_token_ids": ids} for ids in prompt_ids]
-        completions = [o.outputs[0] for o in self.llm.generate(requests, params, use_tqdm=False)]
+        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
+        completions = [o.outputs[0] for o in outputs]  # n=1: one completion per request
         response_ids = [list(c.token_ids) for c in completions]
         response_logp = [sampled_logprobs(c) for c in completions]
         return build_rollout(self.tokenizer, prompt_ids, response_ids, response_logp, self.device)
