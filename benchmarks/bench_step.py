@@ -7,12 +7,14 @@ rewards, no std scaling (Dr.GRPO advantages), eps 0.2/0.2, token-mean loss, no K
 ``steps_per_generation``), i.e. 16 optimizer steps per RL step, AdamW (fused) lr 1e-4 constant, grad clip 1.
 
 entroclip: ``Trainer.train_step`` on configs/quick.yaml (its default diagnostics: probe entropy on 64 fixed
-sequences, clip attribution), and once more with the probe and attribution off. TRL: the wall time between
+sequences, clip attribution) with ``run.compile`` (the fast path) and eagerly, and with ``run.compile`` and
+the probe and attribution off. TRL: its defaults but gradient checkpointing off, its defaults, and
+``torch_compile=True`` (checkpointing off). TRL: the wall time between
 the ends of every 16th optimizer step (one generation each) of ``GRPOTrainer.train``. Each step is split into
 collecting the batch (entroclip ``Trainer.collect``, TRL ``_generate_and_score_completions``: sampling,
 rewards, old log-probs, advantages) and the rest (the 16 minibatch steps, and the diagnostics or logging).
-Every side runs in fresh processes, alternated over rounds; the first RL step of each process is a warm-up
-and not counted.
+Every side runs in fresh processes, alternated over rounds; the first two RL steps of each process are a
+warm-up (compilation) and not counted.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ TITLE = "One full RL step: entroclip Trainer vs TRL GRPOTrainer"
 PROMPTS, GROUP, NEW_TOKENS, EPOCHS, MINIBATCHES = 16, 8, 6, 4, 4
 STEPS_PER_RL_STEP = EPOCHS * MINIBATCHES
 LEAN = ["diagnostics.probe_prompts=0", "diagnostics.attribution=false"]
+COMPILE = ["run.compile=true"]
+WARMUP = 2
+SIDES = ["entroclip-compile", "entroclip", "entroclip-lean-compile", "trl", "trl-defaults", "trl-compile"]
 
 
 def trl_available() -> tuple[bool, str]:
@@ -63,7 +68,7 @@ def clock(obj: Any, method: str, seconds: list[float]) -> None:
     setattr(obj, method, timed)
 
 
-def child_entroclip(steps: int, threads: int, lean: bool) -> dict[str, Any]:
+def child_entroclip(steps: int, threads: int, lean: bool, compiled: bool) -> dict[str, Any]:
     from rich.console import Console
 
     from entroclip.config import load_config
@@ -77,6 +82,7 @@ def child_entroclip(steps: int, threads: int, lean: bool) -> dict[str, Any]:
             "run.checkpoint_every=0",
             f"run.steps={steps}",
             *(LEAN if lean else []),
+            *(COMPILE if compiled else []),
         ]
         config = load_config(harness.REPO / "configs" / "quick.yaml", overrides)
         trainer = Trainer(config, overwrite=True, console=Console(quiet=True))
@@ -93,7 +99,7 @@ def child_entroclip(steps: int, threads: int, lean: bool) -> dict[str, Any]:
     return {"times": times, "collect": collect, "parts": parts}
 
 
-def child_trl(steps: int, threads: int, checkpointing: bool) -> dict[str, Any]:
+def child_trl(steps: int, threads: int, checkpointing: bool, compiled: bool = False) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -154,6 +160,7 @@ def child_trl(steps: int, threads: int, checkpointing: bool) -> dict[str, Any]:
             disable_tqdm=True,
             log_completions=False,
             gradient_checkpointing=checkpointing,
+            torch_compile=compiled,
         )
         trainer = GRPOTrainer(
             model=model,
@@ -182,26 +189,45 @@ def run_child(args: list[str], timeout: float = 3600) -> dict[str, Any]:
 
 # ----- the benchmark -----------------------------------------------------------------------------------
 def run(quick: bool, threads: int) -> dict[str, Any]:
-    rounds, steps = (1, 3) if quick else (3, 6)  # steps per process, the first one a warm-up
+    # steps per process; the first WARMUP are not timed (compilation: the first step compiles the update and
+    # the no-grad passes, the second the no-grad passes again, now in training mode)
+    rounds, steps = (1, 4) if quick else (3, 7)
     has_trl, trl_info = trl_available()
-    sides = ["entroclip", "entroclip-lean", *(["trl", "trl-defaults"] if has_trl else [])]
+    sides = ["entroclip-compile", "entroclip", "entroclip-lean-compile"]
+    sides += ["trl", "trl-defaults", "trl-compile"] if has_trl else []
     times: dict[str, list[float]] = {s: [] for s in sides}
+    warmup: dict[str, list[float]] = {s: [] for s in sides}
     collect: dict[str, list[float]] = {s: [] for s in sides}
-    parts: dict[str, list[dict[str, float]]] = {"entroclip": [], "entroclip-lean": []}
+    parts: dict[str, list[dict[str, float]]] = {s: [] for s in sides if s.startswith("entroclip")}
+    failed: dict[str, str] = {}
     for _ in range(rounds):
         for side in sides:
+            if side in failed:
+                continue
             args = ["--side", side, "--steps", str(steps), "--threads", str(threads)]
-            out = run_child(args)
-            times[side].extend(out["times"][1:])
-            collect[side].extend(out["collect"][1:])
+            try:
+                out = run_child(args)
+            except RuntimeError as err:  # TRL with torch_compile is an extra row: report, do not stop
+                if side != "trl-compile":
+                    raise
+                failed[side] = str(err).strip().splitlines()[-1][:300]
+                continue
+            times[side].extend(out["times"][WARMUP:])
+            warmup[side].append(sum(out["times"][:WARMUP]))
+            collect[side].extend(out["collect"][WARMUP:])
             if side in parts:
-                parts[side].extend(out["parts"][1:])
+                parts[side].extend(out["parts"][WARMUP:])
+    sides = [s for s in sides if times[s]]
     rest = {s: [t - c for t, c in zip(times[s], collect[s], strict=True)] for s in sides}
     labels = {
-        "entroclip": "entroclip Trainer.train_step (quick.yaml: probe entropy + attribution)",
-        "entroclip-lean": "entroclip, probe and attribution off",
+        "entroclip-compile": (
+            "entroclip Trainer.train_step, run.compile (quick.yaml: probe entropy + attribution)"
+        ),
+        "entroclip": "entroclip Trainer.train_step, eager (quick.yaml)",
+        "entroclip-lean-compile": "entroclip, run.compile, probe and attribution off",
         "trl": f"TRL {trl_info} GRPOTrainer, gradient checkpointing off",
         "trl-defaults": f"TRL {trl_info} GRPOTrainer, gradient checkpointing on (GRPOConfig's default)",
+        "trl-compile": f"TRL {trl_info} GRPOTrainer, gradient checkpointing off, torch_compile=True",
     }
     rows = []
     for side in sides:
@@ -209,6 +235,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
             labels[side],
             len(times[side]),
             harness.spread(times[side]),
+            f"{harness.median(warmup[side]):.1f}",
             f"{1e3 * harness.median(collect[side]):.1f}",
             f"{1e3 * harness.median(rest[side]):.1f}",
         ]
@@ -224,6 +251,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         "implementation",
         "steps timed",
         "RL step, ms median [min-max]",
+        f"first {WARMUP} steps (untimed warm-up, compilation), s",
         "collect ms (sampling, rewards, old log-probs)",
         "rest ms (16 minibatch steps, diagnostics, logging)",
         "of collect: sampling ms",
@@ -237,7 +265,8 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         header,
         rows,
     )
-    data = {"times": times, "collect": collect, "parts": parts, "trl": trl_info}
+    data = {"times": times, "warmup": warmup, "collect": collect, "parts": parts, "trl": trl_info}
+    data["failed"] = failed
     if not has_trl:
         prose = (
             f"skipped: {trl_info} (the entroclip rows are measured; the TRL comparison needs "
@@ -245,21 +274,34 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         )
         goals = [harness.goal("entroclip step <= 0.5 x TRL", f"skipped: {trl_info}", None)]
         return harness.result(NAME, TITLE, quick, threads, [table], goals, prose, data=data)
-    t = {side: harness.median(v) for side, v in times.items()}
-    ratio, lean, vs_defaults = (
+    t = {side: harness.median(v) for side, v in times.items() if v}
+    ratio, eager, lean, vs_defaults = (
+        t["entroclip-compile"] / t["trl"],
         t["entroclip"] / t["trl"],
-        t["entroclip-lean"] / t["trl"],
-        t["entroclip"] / t["trl-defaults"],
+        t["entroclip-lean-compile"] / t["trl"],
+        t["entroclip-compile"] / t["trl-defaults"],
+    )
+    vs_compiled = (
+        f"; vs TRL with torch_compile: {t['entroclip-compile'] / t['trl-compile']:.3f}"
+        if ("trl-compile" in t)
+        else ""
     )
     goals = [
         harness.goal(
             "entroclip median RL step <= 0.5 x TRL's (both without gradient checkpointing)",
-            f"{ratio:.3f} (probe and attribution off: {lean:.3f}; vs TRL's defaults: {vs_defaults:.3f})",
+            f"{ratio:.3f} with run.compile (eager: {eager:.3f}; run.compile without probe and attribution: "
+            f"{lean:.3f}; vs TRL's defaults: {vs_defaults:.3f}{vs_compiled})",
             ratio <= 0.5,
         )
     ]
     ms = {side: 1e3 * harness.median(v) for side, v in rest.items()}
-    update_ms = 1e3 * harness.median([p["time/update_s"] for p in parts["entroclip"]])
+    update_ms = {s: 1e3 * harness.median([p["time/update_s"] for p in parts[s]]) for s in parts if parts[s]}
+    trl_compiled = (
+        f" TRL with `torch_compile=True` (the Hugging Face Trainer compiles the model) takes "
+        f"{1e3 * t['trl-compile']:.0f} ms per step ({t['trl-compile'] / t['trl']:.2f}x its eager step)."
+        if "trl-compile" in t
+        else f" TRL with `torch_compile=True` did not run: {failed.get('trl-compile', 'not measured')}."
+    )
     prose = (
         "Both sides sample with Hugging Face `generate` (KV cache), score, compute the old log-probs in one "
         "forward pass over the batch, and take the same 16 clipped minibatch steps (forward, backward, "
@@ -268,15 +310,20 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         "fixed sequences) after the update, and kappa and the clip attribution in every minibatch step; "
         "TRL's computes per-token entropies in every minibatch step and its logging. TRL's `GRPOConfig` "
         "turns gradient checkpointing on by default (a second forward pass in every backward); the goal is "
-        "judged against TRL with it off, the faster and like-for-like setting. entroclip's median step is "
-        f"{ratio:.2f}x TRL's (goal <= 0.5: {'met' if ratio <= 0.5 else 'missed'}), {vs_defaults:.2f}x TRL "
-        f"with its defaults, and {lean:.2f}x with the probe and attribution off. Collecting the batch "
-        f"takes {1e3 * harness.median(collect['entroclip']):.0f} ms in entroclip and "
-        f"{1e3 * harness.median(collect['trl']):.0f} ms in TRL; the rest of the step {ms['entroclip']:.0f} "
-        f"and {ms['trl']:.0f} ms, of which entroclip's 16 minibatch steps are {update_ms:.0f} ms, "
-        f"{update_ms / (1e3 * t['trl']):.2f}x TRL's whole step by themselves: the forward and backward "
-        "passes of the model in these steps, which TRL takes as well, bound the ratio on this "
-        "configuration (see the flops section)."
+        "judged against TRL with it off, the faster and like-for-like setting. With `run.compile` the "
+        "update's forward and backward passes (with the per-token statistics, the loss and the step's "
+        "statistics) and the no-grad passes of the old log-probs and the probe run as `torch.compile`d "
+        "graphs (inductor, C++ wrapper, plain attention); the first two steps of a process compile "
+        "(untimed, column 4). entroclip's median step is "
+        f"{ratio:.2f}x TRL's with `run.compile` (goal <= 0.5: {'met' if ratio <= 0.5 else 'missed'}), "
+        f"{eager:.2f}x eager, {vs_defaults:.2f}x TRL with its defaults, and {lean:.2f}x with `run.compile` "
+        f"and the probe and attribution off. Collecting the batch takes "
+        f"{1e3 * harness.median(collect['entroclip-compile']):.0f} ms in entroclip with `run.compile` and "
+        f"{1e3 * harness.median(collect['trl']):.0f} ms in TRL; the rest of the step "
+        f"{ms['entroclip-compile']:.0f} and {ms['trl']:.0f} ms, of which entroclip's 16 minibatch steps "
+        f"are {update_ms['entroclip-compile']:.0f} ms ({update_ms['entroclip']:.0f} ms eager). About half "
+        "of the compiled update is the matrix products of the forward and backward passes, which run near "
+        f"the machine's matmul peak (see the flops section).{trl_compiled}"
     )
     return harness.result(NAME, TITLE, quick, threads, [table], goals, prose, data=data)
 
@@ -291,17 +338,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--side", choices=["entroclip", "entroclip-lean", "trl", "trl-defaults"], help=argparse.SUPPRESS
-    )
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     harness.pin_threads(args.threads)
     if args.child_json is not None:
         if args.side.startswith("trl"):
-            out = child_trl(args.steps, args.threads, checkpointing=args.side == "trl-defaults")
+            checkpointing = args.side == "trl-defaults"
+            out = child_trl(args.steps, args.threads, checkpointing, compiled=args.side == "trl-compile")
         else:
-            out = child_entroclip(args.steps, args.threads, lean=args.side == "entroclip-lean")
+            lean, compiled = "lean" in args.side, "compile" in args.side
+            out = child_entroclip(args.steps, args.threads, lean, compiled)
         harness.write_json_atomic(args.child_json, out)
         return
     out = run(args.quick, args.threads)
