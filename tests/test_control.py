@@ -91,10 +91,20 @@ def test_entropy_bonus_adapts_and_is_capped():
     ctl = EntropyBonusController(cfg, LOSS)
     coefs = [ctl.act(step, 0.5).entropy_coef for step in range(1, 30)]
     assert coefs[0] > 1e-3 and all(b >= a for a, b in pairwise(coefs))
-    assert max(coefs) == 0.01
+    assert max(coefs) == pytest.approx(0.01)
     down = [ctl.act(step, 2.0).entropy_coef for step in range(30, 40)]
     assert down[-1] < down[0] < 0.01  # no windup above the cap: it falls at once
     assert ctl.act(41, 1.0).eps_low == 0.2
+
+
+def test_entropy_bonus_has_a_floor_without_windup():
+    cfg = ControlConfig(kind="entropy_bonus", target=1.0, coef_init=1e-3, coef_min=1e-3, coef_lr=0.5)
+    ctl = EntropyBonusController(cfg, LOSS)
+    assert [ctl.act(step, 2.0).entropy_coef for step in range(1, 20)] == [pytest.approx(1e-3)] * 19
+    # the first step below the target raises the coefficient at once, from the floor
+    assert ctl.act(20, 0.5).entropy_coef == pytest.approx(1e-3 * math.exp(0.5 * 0.5))
+    with pytest.raises(ValueError, match=r"coef_init \(0.001\) must be in \[control.coef_min"):
+        ControlConfig(kind="entropy_bonus", target=1.0, coef_init=1e-3, coef_min=1e-2)
 
 
 def test_entropy_bonus_on_a_plant():

@@ -248,8 +248,13 @@ def test_sft_on_a_reasoning_gym_task(tmp_path):
 
     small = RGYM_OPTIONS.replace("eval_size: 40", "eval_size: 5")
     result = runner.invoke(app, [*base, "--out", str(tmp_path / "small"), "--options", small])
-    assert result.exit_code == 2 and "held-out examples, 16 were asked for" in result.output
+    assert result.exit_code == 2 and "held-out examples, 16 were asked for" in unwrapped(result)
     assert not (tmp_path / "small").exists()
     for bad, message in (("[1, 2]", "must be a YAML mapping"), ("{a: [", "not valid YAML")):
         result = runner.invoke(app, [*base, "--out", str(tmp_path / "bad"), "--options", bad])
-        assert result.exit_code == 2 and message in result.output
+        assert result.exit_code == 2 and message in unwrapped(result)
+
+
+def unwrapped(result) -> str:
+    """The CLI's output with the console's line wrapping undone."""
+    return result.output.replace("\n", "")

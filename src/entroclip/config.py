@@ -152,6 +152,9 @@ class ControlConfig(Section):
     kp: float = Field(1.0, ge=0, description="clip_low: proportional gain (eps_low per unit relative error)")
     ki: float = Field(0.1, ge=0, description="clip_low: integral gain (per step)")
     coef_init: float = Field(1e-3, gt=0, description="entropy_bonus: initial coefficient")
+    coef_min: float = Field(
+        1e-5, gt=0, description="entropy_bonus: smallest coefficient (no windup below it while H > target)"
+    )
     coef_max: float = Field(0.1, gt=0, description="entropy_bonus: largest coefficient")
     coef_lr: float = Field(
         0.5, gt=0, description="entropy_bonus: log-coefficient step per unit relative error"
@@ -180,9 +183,10 @@ class ControlConfig(Section):
                 f"control.eps_low_min ({self.eps_low_min}) must be <= "
                 f"control.eps_low_max ({self.eps_low_max})"
             )
-        if self.coef_init > self.coef_max:
+        if not self.coef_min <= self.coef_init <= self.coef_max:
             raise ValueError(
-                f"control.coef_init ({self.coef_init}) must be <= control.coef_max ({self.coef_max})"
+                f"control.coef_init ({self.coef_init}) must be in [control.coef_min, control.coef_max] "
+                f"= [{self.coef_min}, {self.coef_max}]"
             )
         return self
 

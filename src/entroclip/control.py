@@ -150,27 +150,28 @@ class ClipLowController(Controller):
 class EntropyBonusController(Controller):
     """An entropy bonus whose coefficient adapts to hold the rollout entropy at a target.
 
-    The SAC temperature rule in log space: log c <- log c + lr * (target - H) / target, then
-    c = min(exp(log c), coef_max). Too little entropy raises the bonus, too much lowers it.
+    The SAC temperature rule in log space: log c <- log c + lr * (target - H) / target, kept within
+    [log coef_min, log coef_max]. Too little entropy raises the bonus, too much lowers it; the bounds stop
+    windup, e.g. while the entropy is still above the target early in a run.
     """
 
     def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
         super().__init__(loss)
         self.target = _target(control)
         self.lr = control.coef_lr
-        self.coef_max = control.coef_max
+        self.log_bounds = (math.log(control.coef_min), math.log(control.coef_max))
         self.log_coef = math.log(control.coef_init)
 
     @property
     def coef(self) -> float:
-        return min(math.exp(self.log_coef), self.coef_max)
+        return math.exp(self.log_coef)
 
     def act(self, step: int, entropy: float) -> ControlAction:
         self.target.observe(entropy)
         if not self.target.held(step):
             return self.static_action()
-        self.log_coef += self.lr * self.target.relative_error()
-        self.log_coef = min(self.log_coef, math.log(self.coef_max))  # no windup above the cap
+        low, high = self.log_bounds
+        self.log_coef = min(max(self.log_coef + self.lr * self.target.relative_error(), low), high)
         return ControlAction(self.eps_low, self.eps_high, self.coef)
 
     def metrics(self) -> dict[str, float]:
