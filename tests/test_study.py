@@ -1,6 +1,11 @@
 """Sweeps: grid parsing, and a small end-to-end sweep through the CLI in parallel processes."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from test_trainer import SMALL
@@ -70,3 +75,43 @@ def test_sweep_bad_input_exits_2(tmp_path):
     assert grid_settings([]) == []
     nothing = runner.invoke(app, ["sweep", "configs/quick.yaml", "--out", str(tmp_path)])
     assert nothing.exit_code == 2 and "--grid" in nothing.output
+
+
+ORPHAN_SCRIPT = """
+import multiprocessing as mp, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from entroclip.study import exit_with_parent
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(
+        1, mp_context=mp.get_context("spawn"), initializer=exit_with_parent, initargs=(os.getpid(), 0.1)
+    )
+    with open(sys.argv[1], "w") as f:
+        f.write(str(pool.submit(os.getpid).result()))
+    pool.submit(time.sleep, 60)
+    os._exit(0)  # the sweep dies without shutting its pool down (kill -9, OOM, a closed terminal)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sweep_workers_exit_with_the_sweep(tmp_path):
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    pid_file = tmp_path / "worker.pid"
+    subprocess.run([sys.executable, str(script), str(pid_file)], timeout=120, check=True)
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not _alive(worker), "a sweep worker outlived its sweep"
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)

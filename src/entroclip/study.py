@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -25,14 +28,36 @@ class Setting:
     overrides: tuple[str, ...]
 
 
-def _run_one(config: dict[str, Any], run_key: str, updates: Any, resume: bool) -> str:
+#: a worker's queue of (run key, finished step) progress updates for the sweep's progress bars
+_progress_updates: Any = None
+
+
+def _init_worker(parent: int, updates: Any) -> None:
+    global _progress_updates
+    _progress_updates = updates
+    exit_with_parent(parent)
+
+
+def exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """Worker initializer: end this process once ``parent`` (the sweep) is gone, so that a sweep that is
+    killed or interrupted leaves no worker writing into its run folders."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _run_one(config: dict[str, Any], run_key: str, resume: bool) -> str:
     from entroclip.runio import CONFIG_FILE
     from entroclip.trainer import Trainer
 
     cfg = parse_config(config)
     resume = resume and (Path(cfg.run.out_dir) / CONFIG_FILE).is_file()
     trainer = Trainer(cfg, resume=resume, overwrite=True, console=Console(stderr=True, quiet=True))
-    trainer.train(show_progress=False, on_step=lambda step, _m: updates.put((run_key, step)))
+    trainer.train(show_progress=False, on_step=lambda step, _m: _progress_updates.put((run_key, step)))
     return cfg.run.out_dir
 
 
@@ -94,8 +119,10 @@ def run_study(
     console = console or Console(stderr=True)
     jobs = [(label, cfg) for label, cfgs in plan.items() for cfg in cfgs]
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        updates = manager.Queue()
+    updates = ctx.Queue()
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(), updates)
+    ) as pool:
         progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -108,7 +135,7 @@ def run_study(
             for label, cfg in jobs:
                 key = f"{label}/seed{cfg.run.seed}"
                 bars[key] = progress.add_task(key, total=cfg.run.steps)
-                futures.append(pool.submit(_run_one, cfg.model_dump(mode="json"), key, updates, resume))
+                futures.append(pool.submit(_run_one, cfg.model_dump(mode="json"), key, resume))
             while not all(f.done() for f in futures):
                 _drain(updates, progress, bars, timeout=0.2)
             _drain(updates, progress, bars, timeout=0.0)
