@@ -18,6 +18,7 @@ from itertools import count
 from pathlib import Path
 from types import SimpleNamespace
 
+import pydantic
 import pytest
 import torch
 from test_trainer import SMALL, rows, without_timings
@@ -185,6 +186,27 @@ def test_checkpoint_of_an_incompatible_config_is_refused(tmp_path, small_run, ov
     assert result.exit_code == 2
     assert "incompatible config" in error_line(result)
     assert files(run) == before
+
+
+def test_fingerprint_ignores_a_new_field_at_its_default(small_run):
+    """A field added to a fingerprinted section later, at its default value, keeps the fingerprint: runs
+    checkpointed before the field existed still resume. A value other than the default changes it."""
+    config = load_config(small_run / "config.yaml")
+    control_type = type(config.control)
+    newer_control = pydantic.create_model(
+        "NewerControlConfig", __base__=control_type, later_option=(float, 0.5)
+    )
+    newer_config = pydantic.create_model(
+        "NewerConfig",
+        __base__=type(config),
+        control=(newer_control, pydantic.Field(default_factory=newer_control)),
+    )
+    data = config.model_dump(mode="json")
+    newer = newer_config(**data)
+    assert newer.control.later_option == 0.5
+    assert config_fingerprint(newer) == config_fingerprint(config)
+    changed = newer_config(**{**data, "control": {**data["control"], "later_option": 1.0}})
+    assert config_fingerprint(changed) != config_fingerprint(config)
 
 
 def test_incomplete_manifest_is_refused(tmp_path, small_run):

@@ -137,8 +137,9 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint:
             raise CheckpointError(f"{path}: {name} is missing or corrupt (checksum mismatch)")
     if manifest.get("fingerprint") != fingerprint:
         raise CheckpointError(
-            f"{path}: written by an incompatible config (model, task, reward, rollout, loss, optim or "
-            "seed differ); resume with the run's own config.yaml"
+            f"{path}: written by an incompatible config (a model, task, reward, rollout, advantage, loss, "
+            "optim, control or diagnostics field, or the seed, differs); resume with the run's own "
+            "config.yaml"
         )
     weights = load_file(str(path / "model.safetensors"))
     state = torch.load(path / "state.pt", weights_only=False)

@@ -91,9 +91,13 @@ def derive_seed(seed: int, step: int, stream: str) -> int:
 
 
 def config_fingerprint(config: Config) -> str:
-    """A short hash of the config fields that must not change across a resume."""
-    data = config.model_dump(mode="json")
-    kept = {k: data[k] for k in FINGERPRINT_SECTIONS} | {"seed": data["run"]["seed"]}
+    """A short hash of the config fields that must not change across a resume.
+
+    Fields at their default value are left out, so a field that a later version adds (with a default)
+    does not make the checkpoints of earlier runs incompatible.
+    """
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    kept = {k: data.get(k, {}) for k in FINGERPRINT_SECTIONS} | {"seed": config.run.seed}
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,7 +14,6 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
-from torch.optim import optimizer as optimizer_module
 from transformers import PreTrainedModel
 
 from entroclip.control import clip_cov_select, kl_cov_select
@@ -200,20 +199,15 @@ class StepFunctions:
         self.compiled = compile
         self.backend = backend
         self.options = options if backend == "inductor" else None
-        self._functions: dict[tuple[Callable[..., Any], bool], Callable[..., Any]] = {}
+        self._functions: dict[Callable[..., Any], Callable[..., Any]] = {}
 
-    def get(self, function: Callable[..., T], serial: bool = False) -> Callable[..., T]:
-        """``function`` as it runs: compiled (once per function) when on, else as it is. ``serial``:
-        inductor's CPU kernels without threads."""
+    def get(self, function: Callable[..., T]) -> Callable[..., T]:
+        """``function`` as it runs: compiled (once per function) when on, else as it is."""
         if not self.compiled:
             return function
-        key = (function, serial)
-        if key not in self._functions:
-            options = self.options
-            if serial and self.backend == "inductor":
-                options = {**(options or {}), "cpp.threads": 1}
-            self._functions[key] = torch.compile(function, backend=self.backend, options=options)
-        return self._functions[key]
+        if function not in self._functions:
+            self._functions[function] = torch.compile(function, backend=self.backend, options=self.options)
+        return self._functions[function]
 
     def run(self, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)``, compiled when on; a failure to compile falls back to eager. Only for
@@ -267,162 +261,26 @@ def run_update(
     stats = UpdateStats()
     generator = torch.Generator().manual_seed(shuffle_seed)
     knobs = _knobs(settings)
-    step = _OptimizerStep.of(optimizer, ctx)
     model.train()
     for _ in range(settings.epochs):
         for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
             args = (model, value_head, optimizer, batch.select(index), settings, knobs, stats, generator, ctx)
             if not functions.compiled:
-                ok = _minibatch_step(*args, functions, step)
+                ok = _minibatch_step(*args, functions)
             else:
                 state = generator.get_state()
                 try:
-                    ok = _minibatch_step(*args, functions, step)
+                    ok = _minibatch_step(*args, functions)
                 except Exception as error:  # a failed compilation: the step again, eagerly
                     functions.fall_back(error)
                     generator.set_state(state)
-                    ok = _minibatch_step(*args, functions, step)
+                    ok = _minibatch_step(*args, functions)
             if ok:
                 scheduler.step()
                 consecutive_skips = 0
             else:
                 consecutive_skips += 1
     return stats, consecutive_skips
-
-
-#: Up to this many parameter elements, the compiled clipping and AdamW step run single-threaded kernels
-#: (measured at tiny-0.1m's 132k elements; the bound itself is a round number, not a measured break-even).
-SERIAL_OPTIMIZER_NUMEL = 1 << 20
-
-
-@dataclass(frozen=True)
-class _OptimizerStep:
-    """The gradient clipping and the optimizer step of a minibatch step.
-
-    Eagerly (and whenever ``compilable`` is False): ``clip_grad_norm_`` and ``optimizer.step()``. With
-    ``run.compile``, a plain ``torch.optim.AdamW`` (no amsgrad, maximize, capturable or differentiable)
-    of float32 CPU parameters in a single process instead runs two compiled functions on its own state
-    tensors, ``_clip_grads`` and ``_adamw``, each a few fused kernels, without threads for up to
-    ``SERIAL_OPTIMIZER_NUMEL`` elements. For tiny-0.1m (20 tensors, 132k elements) on 2 threads while
-    other processes share the cores, clipping and the fused AdamW step took 0.6-2.4 ms (min-median),
-    the compiled single-threaded pair 0.33-0.9 ms (both 0.33-0.36 ms on one thread): small kernels
-    split across threads wait for the other thread. The optimizer's state and ``param_groups``
-    (a float learning rate) stay exactly as ``AdamW`` keeps them, so checkpoints and resumes do not
-    depend on ``run.compile``. The results equal the eager ones up to float rounding (``_adamw``).
-    """
-
-    compilable: bool
-    serial: bool
-
-    @classmethod
-    def of(cls, optimizer: torch.optim.Optimizer, ctx: DistContext) -> _OptimizerStep:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        plain = type(optimizer) is torch.optim.AdamW and all(
-            not (group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"])
-            for group in optimizer.param_groups
-        )
-        hooks = (  # step hooks run only around optimizer.step()
-            optimizer._optimizer_step_pre_hooks,
-            optimizer._optimizer_step_post_hooks,
-            optimizer_module._global_optimizer_pre_hooks,
-            optimizer_module._global_optimizer_post_hooks,
-        )
-        plain = plain and not any(hooks)
-        cpu = all(
-            type(p) in (Tensor, torch.nn.Parameter) and p.device.type == "cpu" and p.dtype == torch.float32
-            for p in params
-        )
-        small = sum(p.numel() for p in params) <= SERIAL_OPTIMIZER_NUMEL
-        return cls(plain and cpu and not ctx.enabled, small)
-
-    def __call__(
-        self, optimizer: torch.optim.Optimizer, max_norm: float, functions: StepFunctions
-    ) -> Tensor | None:
-        """Clip the gradients and step; the gradient norm (before clipping), or None when it is not
-        finite (the step is skipped, the gradients cleared)."""
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        compiled = functions.compiled and self.compilable
-        if compiled:
-            grads = [p.grad for p in params]
-            grad_norm = functions.get(_clip_grads, self.serial)(grads, max_norm)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            return None
-        if not compiled:
-            optimizer.step()
-            return grad_norm
-        adamw = functions.get(_adamw, self.serial)
-        for group in optimizer.param_groups:
-            stepped = [p for p in group["params"] if p.grad is not None]
-            if not stepped:
-                continue
-            states = [_adam_state(optimizer, p) for p in stepped]
-            beta1, beta2 = group["betas"]
-            adamw(
-                stepped,
-                [p.grad for p in stepped],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["step"] for s in states],
-                torch.tensor(float(group["lr"]), dtype=torch.float64),
-                float(beta1),
-                float(beta2),
-                float(group["eps"]),
-                float(group["weight_decay"]),
-            )
-        optimizer._opt_called = True  # type: ignore[attr-defined]  # as optimizer.step() marks it (LR schedulers)
-        return grad_norm
-
-
-def _adam_state(optimizer: torch.optim.Optimizer, p: Tensor) -> dict[str, Tensor]:
-    """``optimizer.state[p]``, created as ``torch.optim.AdamW`` creates it on its first step."""
-    state = optimizer.state[p]
-    if not state:
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return state
-
-
-def _clip_grads(grads: list[Tensor], max_norm: float) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` (2-norm) on the gradients: their norm, and each gradient scaled
-    by ``min(max_norm / (norm + 1e-6), 1)`` in place."""
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef)
-    return norm
-
-
-@torch.no_grad()
-def _adamw(
-    params: list[Tensor],
-    grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
-    lr: Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-) -> None:
-    """One AdamW step in place, the arithmetic of PyTorch's fused CPU kernel: the step's scalars in
-    float64 (``lr`` a float64 0-d tensor, so that a learning-rate schedule does not recompile), cast to
-    float32 for the elementwise update. Rounding differs from the kernel only where inductor orders or
-    contracts (FMA) the float32 operations otherwise, about 1 ulp per operation."""
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-        step += 1
-        t = step.to(torch.float64)
-        step_size = (lr / (1 - beta1**t)).float()
-        bias_correction2_sqrt = torch.sqrt(1 - beta2**t).float()
-        if weight_decay != 0:
-            p.mul_((1 - lr * weight_decay).float())
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).add_(g * (1 - beta2) * g)
-        p.sub_(step_size * m / (v.sqrt() / bias_correction2_sqrt + eps))
 
 
 class _Knobs(NamedTuple):
@@ -597,7 +455,6 @@ def _minibatch_step(
     generator: torch.Generator,
     ctx: DistContext,
     functions: StepFunctions = EAGER,
-    optimizer_step: _OptimizerStep | None = None,
 ) -> bool:
     mask = mb.rollout.response_mask
     static = _StaticSettings.of(settings)
@@ -622,12 +479,14 @@ def _minibatch_step(
         stats.skipped_steps += 1
         return False
     loss.backward()  # with several ranks a non-finite loss is caught below, on every rank at once
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     max_norm = settings.grad_clip if settings.grad_clip is not None else math.inf
-    optimizer_step = optimizer_step or _OptimizerStep.of(optimizer, ctx)
-    grad_norm = optimizer_step(optimizer, max_norm, functions)
-    if grad_norm is None:
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not torch.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
         stats.skipped_steps += 1
         return False
+    optimizer.step()
     values = dict(zip(_STEP_STATS + EFFECT_KEYS, vector.tolist(), strict=False))  # the one host sync
     stats.tokens += values["tokens"]
     stats.clip_low += values["clip_low"]
