@@ -14,5 +14,19 @@ WORKERS=${WORKERS:-1}
   --setting "clip-low-only-0.2-off:loss.eps_high=null" \
   --setting "clip-high-only-off-0.2:loss.eps_low=null"
 
+# The theory lab's drift for the same bounds: a tabular softmax over 1,000 actions (a stand-in for the
+# model's 49,152-token vocabulary) at the model's rollout entropy (3.26 nats), the same groups, advantages,
+# epochs and minibatches, PG and Adam.
+: > runs/study/smollm2/theory.jsonl
+for bounds in "0.2 0.2" "0.2 none" "none 0.2"; do
+  read -r low high <<< "$bounds"
+  for optimiser in pg adam; do
+    "$ENTROCLIP" theory drift --eps-low "$low" --eps-high "$high" --optimiser "$optimiser" --n 1000 \
+      --entropy 3.26 --init zipf --advantage drgrpo --prompts 4 --group-size 4 --mu 4 --minibatches 2 \
+      --seeds 5000 --json >> runs/study/smollm2/theory.jsonl
+  done
+done
+
 mkdir -p docs/results/smollm2
-cp -r runs/study/smollm2/plots runs/study/smollm2/report.md runs/study/smollm2/summary.json docs/results/smollm2/
+cp -r runs/study/smollm2/plots runs/study/smollm2/report.md runs/study/smollm2/summary.json \
+  runs/study/smollm2/theory.jsonl docs/results/smollm2/
