@@ -100,6 +100,18 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def thread_counts(results: dict[str, dict[str, Any]]) -> str:
+    """Which sections ran with how many intra-op threads, as a sentence."""
+    by_count: dict[int, list[str]] = {}
+    for name, result in results.items():
+        by_count.setdefault(int(result["threads"]), []).append(f"`{name}`")
+    if len(by_count) == 1:
+        (count,) = by_count
+        return f"torch used {count} intra-op thread(s) in every section"
+    parts = [f"{count} in {', '.join(names)}" for count, names in sorted(by_count.items())]
+    return "torch used intra-op threads: " + "; ".join(parts)
+
+
 def render(results: dict[str, dict[str, Any]], info: dict[str, Any], args: argparse.Namespace) -> str:
     m = info["machine"]
     lines = [
@@ -113,13 +125,12 @@ def render(results: dict[str, dict[str, Any]], info: dict[str, Any], args: argpa
         "## Machine",
         "",
         *markdown_table(
-            ["CPU model", "cores (usable)", "memory", "torch threads", "torch", "transformers", "Python"],
+            ["CPU model", "cores (usable)", "memory", "torch", "transformers", "Python"],
             [
                 [
                     m["cpu_model"],
                     f"{m['cores']} ({m['usable_cores']})",
                     f"{m['memory_gib']} GiB",
-                    str(args.threads),
                     m["torch"],
                     m["transformers"],
                     m["python"],
@@ -128,10 +139,10 @@ def render(results: dict[str, dict[str, Any]], info: dict[str, Any], args: argpa
         ),
         "",
         f"The machine is shared: other jobs ran during the measurements (load average {m['load_average']} "
-        "when this file was written; each section gives the load before and after its run). torch uses "
-        f"{args.threads} intra-op thread(s) throughout (`torch.set_num_threads`; `run.threads` defaults to 1 "
+        "when this file was written; each section gives the load before and after its run). "
+        f"{thread_counts(results)} (`--threads`, i.e. `torch.set_num_threads`; `run.threads` defaults to 1 "
         "in entroclip, and with other jobs on both cores a second OpenMP thread mostly waits for its time "
-        "slice). `--threads 2` measures with two.",
+        "slice).",
         "",
         "## Summary",
         "",
