@@ -260,11 +260,12 @@ def run_update(
     """
     stats = UpdateStats()
     generator = torch.Generator().manual_seed(shuffle_seed)
-    knobs = _knobs(settings)
+    knobs, static = _knobs(settings), _StaticSettings.of(settings)
     model.train()
     for _ in range(settings.epochs):
         for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
-            args = (model, value_head, optimizer, batch.select(index), settings, knobs, stats, generator, ctx)
+            mb = batch.select(index)
+            args = (model, value_head, optimizer, mb, settings, static, knobs, stats, generator, ctx)
             if not functions.compiled:
                 ok = _minibatch_step(*args, functions)
             else:
@@ -450,6 +451,7 @@ def _minibatch_step(
     optimizer: torch.optim.Optimizer,
     mb: UpdateBatch,
     settings: UpdateSettings,
+    static: _StaticSettings,
     knobs: _Knobs,
     stats: UpdateStats,
     generator: torch.Generator,
@@ -457,7 +459,6 @@ def _minibatch_step(
     functions: StepFunctions = EAGER,
 ) -> bool:
     mask = mb.rollout.response_mask
-    static = _StaticSettings.of(settings)
     if settings.cov is None:
         loss, value_loss, vector = functions.get(_step_terms)(model, value_head, mb, knobs, static)
     else:
