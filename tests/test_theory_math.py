@@ -66,6 +66,10 @@ def test_refresh_and_sparse_updates_keep_the_state_exact(gen):
     torch.testing.assert_close(state.logits, expected, rtol=0, atol=0)
     torch.testing.assert_close(state.log_norm, reference.log_norm, rtol=0, atol=1e-13)
     torch.testing.assert_close(state.entropy(), reference.entropy(), rtol=0, atol=1e-12)
+    # the sparse path sums densely, the reference takes the dense pass's sums: both against the definition
+    exact = -(expected.softmax(-1) * expected.log_softmax(-1)).sum(-1)
+    for entropy in (state.entropy(), reference.entropy()):
+        torch.testing.assert_close(entropy, exact, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("jump", [1e3, -1e3, 1e5])
@@ -106,6 +110,9 @@ def test_dense_step_along_pi_is_one_exact_pass(gen):
     torch.testing.assert_close(state.probs, expected.probs, rtol=0, atol=1e-13)
     torch.testing.assert_close(state.weights, state.logits.exp(), rtol=1e-15, atol=0)
     torch.testing.assert_close(state.entropy(), expected.entropy(), rtol=0, atol=1e-12)
+    moved = logits + coefficient.unsqueeze(-1) * logits.softmax(-1)
+    exact = -(moved.softmax(-1) * moved.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(state.entropy(), exact, rtol=0, atol=1e-12)
 
 
 def test_sparse_updates_keep_the_normaliser_exact_over_many_steps(gen):
@@ -225,6 +232,24 @@ def test_sampler_draws_each_context_from_its_own_policy(gen):
         assert z.abs().max() < 4.0, z
     expected_logp = policy.log_probs().view(4000, -1).gather(1, batch.flat_actions.view(4000, -1))
     torch.testing.assert_close(batch.logp_old.view(4000, -1), expected_logp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sampler_draws_the_exact_probabilities_and_never_a_weight_of_zero(gen, dtype):
+    # exp(-800) is 0 in both dtypes: actions 1 and 4 (the last) have no mass and must never be drawn
+    logits = torch.tensor([[0.0, -800.0, 1.5, -3.0, -800.0], [-2.0, 0.0, 0.0, 2.0, -1.0]], dtype=dtype)
+    policy = SoftmaxState.from_logits(logits.expand(3000, 2, 5))
+    draws = policy.sample(40, gen)
+    assert draws.shape == (3000, 2, 40) and draws.dtype == torch.int64
+    for context in range(2):
+        counts = torch.bincount(draws[:, context].reshape(-1), minlength=5).double()
+        p = logits[context].double().softmax(-1)
+        assert torch.equal(counts == 0, p == 0)
+        # Pearson's chi-square over the actions of positive mass: 4 - 1 or 5 - 1 degrees of freedom,
+        # the 1e-4 upper quantile is below 25
+        expected = p * counts.sum()
+        chi_square = ((counts - expected) ** 2 / expected)[p > 0].sum()
+        assert chi_square < 25.0, chi_square
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -76,8 +76,10 @@ def test_drift_rises_with_eps_high_and_falls_with_eps_low():
 
 
 def test_balance_point_holds_entropy():
+    # two passes: at lr 1 with one pass the drift peaks near 0 (it falls again below eps_low ~ 0.1, where
+    # clip-low stops the first steps' updates), so the sign change would rest on noise
     balance = balance_eps_low(
-        LOGITS, LabConfig(), 0.2, 8000, torch.Generator().manual_seed(11), tolerance=2e-3
+        LOGITS, LabConfig(passes=2), 0.2, 16_000, torch.Generator().manual_seed(11), tolerance=2e-3
     )
     assert 0.0 < balance.eps_low < 0.2  # more clip-low than the standard 0.2 is needed
     drifts = dict(balance.evaluations)

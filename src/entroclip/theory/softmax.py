@@ -41,6 +41,11 @@ def _step_and_exponentiate(logits: Tensor, weights: Tensor, factor: Tensor, shif
     return _shift_and_exponentiate(logits, weights, shift)
 
 
+def _weighted_logits(weights: Tensor, logits: Tensor) -> Tensor:
+    """sum_a weights_a * logits_a per row, ``[S, K, 1]``."""
+    return (weights * logits).sum(-1, keepdim=True)
+
+
 class _DensePass:
     """A pass over all logits: one compiled loop on policies of at least ``COMPILE_FROM`` logits, eager
     on smaller ones and wherever torch.compile cannot build it (e.g. without a C++ compiler)."""
@@ -66,6 +71,7 @@ class _DensePass:
 
 _shift_pass = _DensePass(_shift_and_exponentiate)
 _step_pass = _DensePass(_step_and_exponentiate)
+_weighted_pass = _DensePass(_weighted_logits)
 
 
 class SoftmaxState:
@@ -88,6 +94,8 @@ class SoftmaxState:
         self.norm_error = torch.zeros_like(log_norm) if norm_error is None else norm_error
         self._weights = weights
         self._probs: Tensor | None = None
+        self._weighted: Tensor | None = None
+        self._cumulative: Tensor | None = None
 
     @classmethod
     def from_logits(cls, logits: Tensor) -> SoftmaxState:
@@ -131,9 +139,11 @@ class SoftmaxState:
         return SoftmaxState(self.logits[:seeds], weights[:seeds], self.log_norm[:seeds])
 
     def clone(self) -> SoftmaxState:
-        return SoftmaxState(
+        state = SoftmaxState(
             self.logits.clone(), self._weights.clone(), self.log_norm.clone(), self.norm_error.clone()
         )
+        state._weighted = None if self._weighted is None else self._weighted.clone()
+        return state
 
     def refresh(self) -> None:
         """Recompute ``weights`` and ``log_norm`` after an in-place change of ``logits``: one dense pass.
@@ -165,6 +175,7 @@ class SoftmaxState:
             total = _shift_pass(self.logits, self._weights, self.logits.amax(-1, keepdim=True))
         self.log_norm = total.log_()
         self.norm_error.zero_()
+        self._weighted = None
         self._probs = None
 
     def _rebase_rows(self) -> None:
@@ -222,6 +233,7 @@ class SoftmaxState:
             self.norm_error.view(seeds, contexts_n)[resum] = 0.0
         self.log_norm = log_norm.unsqueeze(-1)
         self._rebase_rows()
+        self._weighted = None
         self._probs = None
 
     def log_probs(self) -> Tensor:
@@ -240,10 +252,31 @@ class SoftmaxState:
         return picked - self.log_norm.view(seeds, contexts_n).gather(1, contexts)
 
     def entropy(self) -> Tensor:
-        """H = -sum_a pi_a log pi_a per seed and context, ``[S, K]`` (nats): one pass over the weights."""
+        """H = -sum_a pi_a log pi_a per seed and context, ``[S, K]`` (nats): one pass over the weights and
+        logits, kept until the policy changes."""
         # sum_a pi_a log pi_a = sum_a w_a logits_a / Z - log_norm, as the probabilities sum to 1
-        weighted = torch.einsum("skn,skn->sk", self.weights, self.logits)
-        return self.log_norm.squeeze(-1) - weighted / self.normaliser.squeeze(-1)
+        if self._weighted is None:
+            self._weighted = _weighted_pass(self.weights, self.logits)
+        return (self.log_norm - self._weighted / self.normaliser).squeeze(-1)
+
+    def sample(self, draws: int, generator: torch.Generator) -> Tensor:
+        """``draws`` iid actions from each policy, int64 ``[S, K, draws]``.
+
+        Inverse-CDF sampling: the running sums of each row's weights (float64, into a buffer kept between
+        calls: one pass), ``draws`` uniforms in [0, total) per row and a binary search each. An action of
+        weight 0 is never drawn: its running sum equals its predecessor's.
+        """
+        seeds, contexts_n, n = self.shape
+        weights = self.weights.view(seeds * contexts_n, n)
+        if self._cumulative is None or self._cumulative.shape != weights.shape:
+            self._cumulative = torch.empty(weights.shape, dtype=torch.float64)
+        # summed in place in the buffer: cumsum(dtype=float64) would widen into a fresh copy
+        cumulative = torch.cumsum(self._cumulative.copy_(weights), -1, out=self._cumulative)
+        total = cumulative[:, -1:]
+        uniforms = torch.rand(weights.shape[0], draws, generator=generator, dtype=torch.float64) * total
+        # a product that rounds up to the total would land past the last action of positive weight
+        uniforms = torch.minimum(uniforms, torch.nextafter(total, torch.zeros_like(total)))
+        return torch.searchsorted(cumulative, uniforms, right=True).view(seeds, contexts_n, draws)
 
     def entropy_gradient(self) -> Tensor:
         """dH/dlogits = -pi (log pi + H), ``[S, K, n]``; its negative is the paper's Q(a)."""

@@ -127,7 +127,8 @@ class Minibatch:
 @dataclass(frozen=True)
 class Batch:
     """One rollout batch per seed: ``contexts`` ``[S, P]``; ``flat_actions``, ``advantages`` and
-    ``logp_old`` ``[S, P, G]``; ``orders`` ``[passes, S, P]``, the order of the groups in each pass."""
+    ``logp_old`` ``[S, P, G]``; ``orders`` ``[passes - 1, S, P]``, the order of the groups in each pass
+    after the first, which takes them as drawn (they are iid, so that order is as random as any)."""
 
     contexts: Tensor
     flat_actions: Tensor
@@ -138,12 +139,14 @@ class Batch:
     def minibatches(self, count: int) -> Iterator[Minibatch]:
         """The minibatches of all passes in order, ``count`` per pass, each of whole groups."""
         seeds, prompts, group_size = self.flat_actions.shape
-        for order in self.orders:
-            index = order.unsqueeze(-1).expand(-1, -1, group_size)
-            contexts = self.contexts.gather(1, order).unsqueeze(-1).expand(-1, -1, group_size)
-            shuffled = [contexts] + [
-                x.gather(1, index) for x in (self.flat_actions, self.advantages, self.logp_old)
-            ]
+        samples = (self.flat_actions, self.advantages, self.logp_old)
+        for order in [None, *self.orders]:
+            if order is None:
+                contexts, shuffled = self.contexts, list(samples)
+            else:
+                index = order.unsqueeze(-1).expand(-1, -1, group_size)
+                contexts, shuffled = self.contexts.gather(1, order), [x.gather(1, index) for x in samples]
+            shuffled.insert(0, contexts.unsqueeze(-1).expand(-1, -1, group_size))
             for groups in range(0, prompts, prompts // count):
                 part = slice(groups, groups + prompts // count)
                 yield Minibatch(*(x[:, part].reshape(seeds, -1) for x in shuffled))
@@ -156,15 +159,13 @@ def sample_batch(policy: SoftmaxState, config: LabConfig, generator: torch.Gener
     contexts = torch.randint(contexts_n, (seeds, prompts), generator=generator)
     # Every context row draws prompts * group_size iid actions; prompt p of a seed takes the p-th group of
     # its own context's draws, so prompts that share a context get disjoint, independent draws.
-    weights = policy.weights.view(seeds * contexts_n, n)
-    draws = torch.multinomial(weights, prompts * group_size, replacement=True, generator=generator)
-    draws = draws.view(seeds, contexts_n, prompts, group_size)
+    draws = policy.sample(prompts * group_size, generator).view(seeds, contexts_n, prompts, group_size)
     actions = draws.gather(1, contexts.view(seeds, 1, prompts, 1).expand(-1, 1, -1, group_size)).squeeze(1)
     flat_actions = contexts.unsqueeze(-1) * n + actions
     sample_contexts = contexts.unsqueeze(-1).expand(-1, -1, group_size)
     logp_old = policy.log_probs_at(flat_actions.reshape(seeds, -1), sample_contexts.reshape(seeds, -1))
     advantages = config.reward.sample_advantages((seeds, prompts), group_size, generator, policy.logits.dtype)
-    orders = torch.rand(config.passes, seeds, prompts, generator=generator).argsort(-1)
+    orders = torch.rand(config.passes - 1, seeds, prompts, generator=generator).argsort(-1)
     return Batch(contexts, flat_actions, advantages, logp_old.view(seeds, prompts, group_size), orders)
 
 
@@ -273,7 +274,9 @@ def run_update(
         if observer is not None:
             observer.after_step(policy)
         stats.append(out.stats)
-    if not bool(torch.isfinite(policy.log_norm).all()):
+    # an infinite logit makes its row's normaliser or entropy (0 * -inf) non-finite; the entropy costs
+    # no extra pass: a dense step leaves it behind, and callers read it after the update in any case
+    if not bool(torch.isfinite(policy.log_norm).all() and torch.isfinite(policy.entropy()).all()):
         raise FloatingPointError(
             f"the policy diverged (non-finite logits) under {config.optimiser} with lr={config.lr}: "
             "lower the learning rate (npg moves log pi_a by about lr / pi_a for a rare action a)"
