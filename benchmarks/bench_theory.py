@@ -139,7 +139,8 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         "running sums), runs the core surrogate once per inner step and takes the entropies of the "
         "trajectory (one compiled pass). Every dense pass computes one `exp` per logit; at float64 that "
         "exponential, not memory traffic, bounds it (a 10^7-logit pass: 6-7 ms on 2 threads, of which "
-        "a bare `exp` over the same logits takes about 5). Timed without theory tracking (`track_theory=False`, as "
+        "a bare `exp` over the same logits takes about 5). Timed without theory tracking "
+        "(`track_theory=False`, as "
         "`entroclip theory trajectory --no-track-theory`); `benchmarks/theory_speed.py` times whole "
         "1,000-update runs."
     )

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from entroclip.policy import sampling
 from entroclip.policy.builtin import BUILTIN_MODELS, build_builtin, char_tokenizer, save_builtin
 from entroclip.policy.loading import find_smollm2_gguf, format_prompts, load_policy
 from entroclip.policy.sampling import response_logits, response_mask_from, sample, token_logprobs
@@ -71,6 +72,32 @@ def test_trainer_logprobs_equal_sampler_logprobs(tiny, temperature):
     # masks exclude the prompt (not part of responses) and everything after EOS
     assert rollout.response_mask.shape == rollout.responses.shape
     assert (rollout.sampler_logp[~rollout.response_mask] == 0).all()
+
+
+def test_repeated_prompts_share_one_prompt_pass(tiny, monkeypatch):
+    """Each distinct prompt's forward pass runs once; tokens and log-probs are those of the full batch."""
+    model, tok = tiny
+    prompts = ["12+34=", "5+7=", "5+7=", "12+34=", "1+1=", "1+1=", "5+7=", "12+34="]
+    shapes = []
+    hook = model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        shared = sample(model, tok, prompts, 6, temperature=0.9, seed=3, return_logp=True)
+    finally:
+        hook.remove()
+    assert shapes[0] == (3, 5) and shapes[1] == (8, 1)  # 3 distinct prompts, all but the last token
+    monkeypatch.setattr(sampling, "shared_prompt_cache", lambda *args: None)
+    full = sample(model, tok, prompts, 6, temperature=0.9, seed=3, return_logp=True)
+    assert torch.equal(shared.input_ids, full.input_ids)
+    assert torch.equal(shared.attention_mask, full.attention_mask)
+    torch.testing.assert_close(shared.sampler_logp, full.sampler_logp, rtol=0, atol=1e-5)
+    assert (
+        sampling.shared_prompt_cache(
+            model, ["1+1=", "5+7="], tok(["1+1=", "5+7="], return_tensors="pt", padding=True)
+        )
+        is None
+    )
 
 
 def test_sampler_logprobs_only_on_request(tiny):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from entroclip.distributed import is_sharded
 from entroclip.entropy import token_stats
@@ -74,17 +74,21 @@ def sample(
     """Sample one response per prompt (repeat prompts for groups), with a KV cache, seeded.
 
     With ``return_logp``, ``generate`` keeps every step's scores ``[B, V]`` and the rollout carries the
-    sampled tokens' log-probs (``sampler_logp``); without, it is None and the tokens are the same. A sharded
-    (FSDP) model keeps decoding until every rank is done, as each step is a collective."""
+    sampled tokens' log-probs (``sampler_logp``); without, it is None and the tokens are the same. Prompts
+    that repeat share one forward pass over all but their last token (:func:`shared_prompt_cache`). A
+    sharded (FSDP) model keeps decoding until every rank is done, as each step is a collective."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     was_training = model.training
     model.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # a sharded model's forward passes are collectives: every rank must make the same calls
+        cache = None if is_sharded(model) else shared_prompt_cache(model, prompts, enc)
         torch.manual_seed(seed)
         out = model.generate(
             **enc,
+            past_key_values=cache,
             do_sample=True,
             temperature=temperature,
             top_p=top_p,
@@ -109,6 +113,35 @@ def sample(
         torch.where(mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
     )
     return Rollout(out.sequences, attention, prompt_len, mask, logp, texts)
+
+
+def shared_prompt_cache(
+    model: PreTrainedModel, prompts: list[str], enc: dict[str, Tensor]
+) -> DynamicCache | None:
+    """The KV cache of every prompt but its last token, computed once per distinct prompt and repeated
+    to the rows that share it (a group's G copies), or None where no prompt repeats.
+
+    ``generate`` then runs only the last prompt token and the response through the model: with groups of
+    G, the prompt's forward pass costs 1/G of what it did. The cache holds what the full batch's prefill
+    would: rows are independent and take the same (left-padded) positions.
+
+    Args:
+        prompts: ``B`` prompt strings; enc: their left-padded ``input_ids`` / ``attention_mask`` ``[B, P]``.
+    """
+    distinct = {prompt: i for i, prompt in reversed(list(enumerate(prompts)))}
+    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    if len(distinct) == len(prompts) or input_ids.shape[1] < 2:
+        return None
+    device = input_ids.device
+    firsts = torch.tensor(sorted(distinct.values()), device=device)
+    slot = {row: k for k, row in enumerate(firsts.tolist())}
+    rows = torch.tensor([slot[distinct[prompt]] for prompt in prompts], device=device)
+    ids, mask = input_ids[firsts, :-1], attention_mask[firsts, :-1]
+    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(rows)
+    return cache
 
 
 def _response_forward(
