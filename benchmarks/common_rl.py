@@ -1,5 +1,5 @@
 """A realistic update batch (configs/quick.yaml's shape) for the update-step benchmarks, and a bare PPO
-update to compare ``run_update`` with.
+update to compare ``run_update`` with, each eager or compiled as the trainer compiles them on a CPU.
 
 quick.yaml: 16 prompts x group 8 = 128 sequences, 6 new tokens, Dr.GRPO advantages of Bernoulli(0.5)
 rewards, eps 0.2/0.2, token-mean, 4 epochs x 4 minibatches, AdamW lr 1e-4 (fused), grad clip 1.
@@ -16,7 +16,7 @@ import torch
 
 from entroclip.advantages import group_advantages
 from entroclip.policy.sampling import response_logits, sample, token_logprobs
-from entroclip.update import UpdateBatch, UpdateSettings, minibatch_indices, run_update
+from entroclip.update import EAGER, StepFunctions, UpdateBatch, UpdateSettings, minibatch_indices, run_update
 
 PROMPTS, GROUP, NEW_TOKENS, EPOCHS, MINIBATCHES, LR = 16, 8, 6, 4, 4, 1e-4
 
@@ -68,14 +68,39 @@ class UpdateRig:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
 
-    def update(self, settings: UpdateSettings) -> None:
+    def update(self, settings: UpdateSettings, functions: StepFunctions = EAGER) -> None:
         assert self.optimizer is not None and self.scheduler is not None
-        run_update(self.model, self.optimizer, self.scheduler, self.batch, settings, shuffle_seed=0)
+        run_update(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.batch,
+            settings,
+            shuffle_seed=0,
+            functions=functions,
+        )
 
-    def bare_update(self, settings: UpdateSettings) -> None:
+    def bare_update(self, settings: UpdateSettings, functions: StepFunctions = EAGER) -> None:
         """The same minibatch steps with a minimal clipped loss and no diagnostics or statistics."""
         assert self.optimizer is not None and self.scheduler is not None
-        bare_update(self.model, self.optimizer, self.scheduler, self.batch, settings)
+        bare_update(self.model, self.optimizer, self.scheduler, self.batch, settings, functions)
+
+
+def compiled_functions() -> StepFunctions:
+    """Compiled step functions with the options the trainer uses on a CPU (inductor's C++ wrapper)."""
+    return StepFunctions(True, options={"cpp_wrapper": True})
+
+
+def bare_loss(
+    model: Any, mb: UpdateBatch, temperature: float, eps_low: float, eps_high: float
+) -> torch.Tensor:
+    """A three-line clipped surrogate, token-mean: the loss of a bare update's minibatch step."""
+    mask = mb.rollout.response_mask.float()
+    logp = token_logprobs(response_logits(model, mb.rollout, temperature), mb.rollout.responses)
+    ratio = torch.exp(logp - mb.logp_old)
+    adv = mb.advantages[:, None]
+    per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
 
 
 def bare_update(
@@ -84,21 +109,16 @@ def bare_update(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: UpdateBatch,
     settings: UpdateSettings,
+    functions: StepFunctions = EAGER,
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     model.train()
     eps_low = settings.eps_low if settings.eps_low is not None else 1.0
     eps_high = settings.eps_high if settings.eps_high is not None else math.inf
+    loss_of = functions.get(bare_loss)
     for _ in range(settings.epochs):
         for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
-            mb = batch.select(index)
-            mask = mb.rollout.response_mask.float()
-            logits = response_logits(model, mb.rollout, settings.temperature)
-            logp = token_logprobs(logits, mb.rollout.responses)
-            ratio = torch.exp(logp - mb.logp_old)
-            adv = mb.advantages[:, None]
-            per_token = -torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
-            loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+            loss = loss_of(model, batch.select(index), settings.temperature, eps_low, eps_high)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip or math.inf)

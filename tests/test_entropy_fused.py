@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from entroclip import entropy
 from entroclip.entropy import (
     CHUNK_LOGITS_CPU,
     chunk_rows,
@@ -194,3 +195,28 @@ def test_default_chunk_and_validation():
         token_stats(torch.zeros(2, 3), kappa=True)
     with pytest.raises(ValueError, match="tokens must have shape"):
         token_stats(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_compiled_pass_takes_one_chunk_and_matches_float64(gen, monkeypatch):
+    """Under torch.compile the default is one chunk (a loop of chunks compiles into buffer copies)."""
+    monkeypatch.setattr(entropy, "CHUNK_LOGITS_CPU", 100)  # eagerly: 2 rows per chunk at V = 50
+    logits = 2 * torch.randn(12, 50, generator=gen)
+    tokens = torch.randint(0, 50, (12,), generator=gen)
+    weights = torch.randn(2, 12, generator=gen)
+    rows = torch.compile(lambda x: torch.full((), chunk_rows(x, None)), backend="eager", fullgraph=True)
+    assert rows(logits).item() == 12 and chunk_rows(logits, None) == 2
+
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        got = token_stats(x, tokens, kappa=True)
+        loss = (weights[0] * got.logp).sum() + (weights[1] * got.entropy).sum()
+        return loss, got.logp, got.entropy, got.kappa
+
+    x = logits.clone().requires_grad_(True)
+    loss, *got = torch.compile(stats, backend="aot_eager", fullgraph=True)(x)
+    (grad,) = torch.autograd.grad(loss, x)
+    x64 = logits.double().requires_grad_(True)
+    reference = reference64(x64, tokens)
+    reference_loss = (weights[0] * reference[0]).sum() + (weights[1] * reference[1]).sum()
+    (expected,) = torch.autograd.grad(reference_loss, x64)
+    assert max(max_errors(got, reference)) < 1e-5
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-6)
