@@ -131,7 +131,9 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     missed = [g for g in goals if not g["met"]]
     prose = (
         "`sample` is `model.generate` with a dynamic KV cache and batched prefill of the left-padded "
-        "prompts, timed as the trainer calls it: without the per-step scores, since the trainer "
+        "prompts, where the 8 copies of each prompt share one forward pass over all but its last token "
+        "(the cache is copied to their rows), timed as the trainer calls it: without the per-step "
+        "scores, since the trainer "
         "recomputes the old log-probs in its own forward pass (`sample(return_logp=True)` keeps the "
         "scores and returns the sampled tokens' log-probs; the last column checks them). Equal within "
         f"noise means a ratio of at least {1 - NOISE:.2f}. "

@@ -34,7 +34,8 @@ from torch import Tensor
 
 from entroclip.objectives import LOG_RATIO_LIMIT, SurrogateOutput, broadcast_advantages
 
-#: Floor for log-probabilities where a token of probability 0 (logit -inf) would make 0 * -inf = NaN.
+#: Floor for log-probabilities (and their base-2 counterparts) where a token of probability 0 (logit
+#: -inf) would make 0 * -inf = NaN; 2^floor is exactly 0.
 _LOGP_FLOOR = -1e30
 _LN2 = math.log(2.0)
 #: Logits per chunk when ``chunk_size`` is None, by device type: on a CPU the two float32 buffers of a
@@ -116,15 +117,16 @@ def _chunk_sums(
     picked = d.gather(-1, tokens).squeeze(-1) if tokens is not None else None
     if moments == 0:
         return _Sums(shift.squeeze(-1), picked, d.exp2_().sum(-1), None, None, None)
-    e = torch.exp2(d, out=work[1, :n])
-    # in place from here on: d becomes e d, then e^2 d, and e becomes e^2. A token of probability 0
-    # (d = -inf) makes e d NaN, which nansum counts as the 0 it is (a NaN logit still makes s0 NaN).
-    # torch's cascaded summation keeps float32 error ~1e-5 relative at V = 150k (a plain dot product
-    # accumulates ~20x more).
-    s0, s1 = e.sum(-1), d.mul_(e).nansum(-1)
+    # A token of probability 0 (d = -inf) would make e d = 0 * -inf NaN: the floor keeps d finite, with
+    # exp2(d) still exactly 0 (a NaN logit stays NaN and makes s0 NaN). A plain sum then vectorises where
+    # nansum would not (inductor tests each lane for NaN).
+    e = torch.exp2(d.clamp_(min=_LOGP_FLOOR), out=work[1, :n])
+    # in place from here on: d becomes e d, then e^2 d, and e becomes e^2. torch's cascaded summation
+    # keeps float32 error ~1e-5 relative at V = 150k (a plain dot product accumulates ~20x more).
+    s0, s1 = e.sum(-1), d.mul_(e).sum(-1)
     if moments == 1:
         return _Sums(shift.squeeze(-1), picked, s0, s1, None, None)
-    s3 = d.mul_(e).nansum(-1)
+    s3 = d.mul_(e).sum(-1)
     return _Sums(shift.squeeze(-1), picked, s0, s1, e.square_().sum(-1), s3)
 
 
