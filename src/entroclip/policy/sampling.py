@@ -7,6 +7,7 @@ log-probs are taken under ``softmax(logits / temperature)``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -86,9 +87,10 @@ def sample(
         # a sharded model's forward passes are collectives: every rank must make the same calls
         cache = None if is_sharded(model) else shared_prompt_cache(model, prompts, enc)
         torch.manual_seed(seed)
+        shared = {} if cache is None else {_cache_argument(model): cache}
         out = model.generate(
             **enc,
-            past_key_values=cache,
+            **shared,
             do_sample=True,
             temperature=temperature,
             top_p=top_p,
@@ -115,6 +117,12 @@ def sample(
     return Rollout(out.sequences, attention, prompt_len, mask, logp, texts)
 
 
+def _cache_argument(model: PreTrainedModel) -> str:
+    """The keyword under which ``model`` takes a KV cache: ``cache`` (newer transformers, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def shared_prompt_cache(
     model: PreTrainedModel, prompts: list[str], enc: dict[str, Tensor]
 ) -> DynamicCache | None:
@@ -139,7 +147,13 @@ def shared_prompt_cache(
     ids, mask = input_ids[firsts, :-1], attention_mask[firsts, :-1]
     positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **{_cache_argument(model): cache},
+    )
     cache.batch_select_indices(rows)
     return cache
 
