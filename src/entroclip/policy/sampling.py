@@ -147,11 +147,16 @@ def shared_prompt_cache(
     ids, mask = input_ids[firsts, :-1], attention_mask[firsts, :-1]
     positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
     cache = DynamicCache(config=model.config)
+    # the cache is what this pass is for: the logits of one position, not of all, where the model allows
+    last_only = (
+        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    )
     model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
         use_cache=True,
+        **last_only,
         **{_cache_argument(model): cache},
     )
     cache.batch_select_indices(rows)
