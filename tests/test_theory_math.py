@@ -5,6 +5,7 @@ check is seeded, so a pass is reproducible) and each such test also asserts that
 is many standard errors away from zero, so that a wrong formula cannot pass by being lost in the noise.
 """
 
+import functools
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from entroclip.advantages import group_advantages
 from entroclip.entropy import entropy_sensitivity, token_entropy
 from entroclip.theory import softmax
+from entroclip.theory.compiling import COMPILE_FROM, CompiledForLargeRuns
 from entroclip.theory.policies import initial_logits, temper_to_entropy
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.simulation import check_step
@@ -22,7 +24,7 @@ from entroclip.theory.theorems import (
     closed_form_step,
     entropy_directional_derivative,
 )
-from entroclip.theory.updates import NO_CLIP, ClipBounds, LabConfig, sample_batch
+from entroclip.theory.updates import NO_CLIP, ClipBounds, LabConfig, sample_batch, surrogate_weights
 
 # ---------------------------------------------------------------------------------------------------------
 # Softmax state
@@ -133,13 +135,12 @@ def test_sparse_updates_keep_the_normaliser_exact_over_many_steps(gen):
 
 
 def test_compiled_and_eager_dense_passes_agree(gen, monkeypatch):
-    monkeypatch.setattr(softmax, "COMPILE_FROM", 0)
     logits = torch.randn(7, 3, 40, generator=gen, dtype=torch.float64)
     factor = torch.randn(7, 3, 1, generator=gen, dtype=torch.float64)
     shift = torch.randn(7, 3, 1, generator=gen, dtype=torch.float64)
-    compiled = softmax._DensePass(softmax._step_and_exponentiate)
+    compiled = CompiledForLargeRuns(softmax._step_and_exponentiate)
     outputs = []
-    for run in (compiled, softmax._step_and_exponentiate):
+    for run in (functools.partial(compiled, COMPILE_FROM), softmax._step_and_exponentiate):
         state = (logits.clone(), logits.exp())
         outputs.append((run(*state, factor, shift), *state))
     assert compiled.compiled is not None
@@ -147,17 +148,39 @@ def test_compiled_and_eager_dense_passes_agree(gen, monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-14, atol=1e-15)
 
 
+@pytest.mark.parametrize("policy_size", [0, COMPILE_FROM], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "clip", [ClipBounds(0.2, 0.2), ClipBounds(0.1, None, 3.0), NO_CLIP], ids=["both", "low+dual", "none"]
+)
+def test_surrogate_weights_match_the_closed_form(gen, policy_size, clip):
+    """w = A r / B where the sample is not clipped and 0 where it is, per seed (rows), and the fractions
+    of clipped samples, from the masks written out here."""
+    logp_old = torch.randn(64, 8, generator=gen, dtype=torch.float64) - 3
+    logp_new = logp_old + 0.3 * torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    advantages = torch.randn(64, 8, generator=gen, dtype=torch.float64)
+    weights, fractions = surrogate_weights(logp_new, logp_old, advantages, clip, policy_size)
+    ratio = (logp_new - logp_old).exp()
+    low = (advantages < 0) & (ratio < 1 - clip.eps_low) if clip.eps_low is not None else ratio < 0
+    high = (advantages > 0) & (ratio > 1 + clip.eps_high) if clip.eps_high is not None else ratio < 0
+    dual = (advantages < 0) & (ratio > clip.dual_clip) if clip.dual_clip is not None else ratio < 0
+    expected = torch.where(low | high | dual, 0.0, advantages * ratio / 8)
+    # the core computes the surrogate in float32: relative rounding of about 1e-7 per operation
+    torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-7)
+    expected_fractions = torch.stack([mask.double().mean() for mask in (low, high, dual)])
+    torch.testing.assert_close(fractions.double(), expected_fractions, rtol=0, atol=1e-7)
+    assert clip == NO_CLIP or expected_fractions.sum() > 0
+
+
 def test_dense_passes_run_eagerly_where_torch_compile_fails(gen, monkeypatch):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(softmax, "COMPILE_FROM", 0)
     monkeypatch.setattr(torch, "compile", no_compiler)
-    dense_pass = softmax._DensePass(softmax._shift_and_exponentiate)
+    dense_pass = CompiledForLargeRuns(softmax._shift_and_exponentiate)
     logits = torch.randn(3, 1, 20, generator=gen, dtype=torch.float64)
     weights = torch.empty_like(logits)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):
-        total = dense_pass(logits, weights, torch.zeros(3, 1, 1, dtype=torch.float64))
+        total = dense_pass(COMPILE_FROM, logits, weights, torch.zeros(3, 1, 1, dtype=torch.float64))
     torch.testing.assert_close(total, logits.exp().sum(-1, keepdim=True))
     assert not dense_pass.compiles
 

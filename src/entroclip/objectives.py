@@ -121,9 +121,9 @@ def clip_masks(
     ratio: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    eps_low: float | None,
-    eps_high: float | None,
-    dual_clip: float | None = None,
+    eps_low: float | Tensor | None,
+    eps_high: float | Tensor | None,
+    dual_clip: float | Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sign-gated (clip-low, clip-high, dual-clip) bool masks ``[B, T]`` from the ratio and advantages."""
     mask = mask.bool()
@@ -204,7 +204,7 @@ def surrogate_terms(
     mask: Tensor,
     eps_low: float | Tensor | None,
     eps_high: float | Tensor | None,
-    dual_clip: float | None = None,
+    dual_clip: float | Tensor | None = None,
     agg: Aggregation = "token-mean",
     max_len: int | None = None,
     *,
@@ -218,9 +218,9 @@ def surrogate_terms(
 ) -> tuple[SurrogateOutput, dict[str, Tensor]]:
     """The tensors of :func:`clipped_surrogate` without its checks of the bounds and without ``stats``
     (no host sync), and the extra statistics as tensors. The entropy bonus and the KL term are added
-    whenever ``entropy`` / ``logp_ref`` are given. ``eps_low``, ``eps_high`` and ``entropy_coef`` may be
-    0-d tensors, so that a compiled caller does not specialise on their values (they change from step to
-    step under a controller)."""
+    whenever ``entropy`` / ``logp_ref`` are given. ``eps_low``, ``eps_high``, ``dual_clip`` and
+    ``entropy_coef`` may be 0-d tensors, so that a compiled caller does not specialise on their values
+    (they change from step to step under a controller)."""
     _check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
     mask = mask.bool()
     adv = broadcast_advantages(advantages, mask).to(torch.float32)

@@ -9,19 +9,14 @@ built for LLM vocabularies) and is the reference the tests hold these values to.
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from entroclip.theory.compiling import CompiledForLargeRuns
+
 #: Largest |log normaliser| tolerated before the logits of a row are shifted back to log-probabilities.
 REBASE = 30.0
-
-
-#: Policies with at least this many logits take their dense passes as compiled loops (torch.compile): the
-#: first pass compiles for a few seconds, after which a pass over 10^7 logits takes about half the time.
-COMPILE_FROM = 1 << 20
 
 
 def _shift_and_exponentiate(logits: Tensor, weights: Tensor, shift: Tensor) -> Tensor:
@@ -46,32 +41,9 @@ def _weighted_logits(weights: Tensor, logits: Tensor) -> Tensor:
     return (weights * logits).sum(-1, keepdim=True)
 
 
-class _DensePass:
-    """A pass over all logits: one compiled loop on policies of at least ``COMPILE_FROM`` logits, eager
-    on smaller ones and wherever torch.compile cannot build it (e.g. without a C++ compiler)."""
-
-    def __init__(self, function: Callable[..., Tensor]) -> None:
-        self.function = function
-        self.compiled: Callable[..., Tensor] | None = None
-        self.compiles = True
-
-    def __call__(self, logits: Tensor, *args: Tensor) -> Tensor:
-        if self.compiles and logits.numel() >= COMPILE_FROM:
-            try:
-                if self.compiled is None:
-                    self.compiled = torch.compile(self.function, dynamic=True, fullgraph=True)
-                return self.compiled(logits, *args)
-            except RuntimeError as error:
-                warnings.warn(
-                    f"the theory lab's dense passes run eagerly: torch.compile failed ({error})", stacklevel=2
-                )
-                self.compiles = False
-        return self.function(logits, *args)
-
-
-_shift_pass = _DensePass(_shift_and_exponentiate)
-_step_pass = _DensePass(_step_and_exponentiate)
-_weighted_pass = _DensePass(_weighted_logits)
+_shift_pass = CompiledForLargeRuns(_shift_and_exponentiate)
+_step_pass = CompiledForLargeRuns(_step_and_exponentiate)
+_weighted_pass = CompiledForLargeRuns(_weighted_logits)
 
 
 class SoftmaxState:
@@ -152,12 +124,14 @@ class SoftmaxState:
         drifts past ``REBASE``; a shift changes no probability), so ``exp(logits)`` needs no shift of its
         own and stays in range; a step that still overflows or underflows shifts the rows by their maxima.
         """
-        self._settle(_shift_pass(self.logits, self._weights, self._rebase_shift()))
+        self._settle(_shift_pass(self.logits.numel(), self.logits, self._weights, self._rebase_shift()))
 
     def step_along_probs(self, coefficient: Tensor) -> None:
         """``logits += coefficient * pi`` (``coefficient`` ``[S, K]``) and :meth:`refresh`, in one pass."""
         factor = coefficient.unsqueeze(-1) / self.normaliser
-        self._settle(_step_pass(self.logits, self._weights, factor, self._rebase_shift()))
+        self._settle(
+            _step_pass(self.logits.numel(), self.logits, self._weights, factor, self._rebase_shift())
+        )
 
     def _drifted(self) -> Tensor:
         """Rows whose finite log normaliser is past ``REBASE``, bool ``[S, K, 1]``: their logits are shifted
@@ -172,7 +146,9 @@ class SoftmaxState:
         """Take ``log_norm`` from the sums ``[S, K, 1]`` of the weights a dense pass wrote (after an
         overflow or underflow, from the weights of the logits shifted by their row maxima)."""
         if not bool(((total > 0) & (total < math.inf)).all()):
-            total = _shift_pass(self.logits, self._weights, self.logits.amax(-1, keepdim=True))
+            total = _shift_pass(
+                self.logits.numel(), self.logits, self._weights, self.logits.amax(-1, keepdim=True)
+            )
         self.log_norm = total.log_()
         self.norm_error.zero_()
         self._weighted = None
@@ -256,22 +232,24 @@ class SoftmaxState:
         logits, kept until the policy changes."""
         # sum_a pi_a log pi_a = sum_a w_a logits_a / Z - log_norm, as the probabilities sum to 1
         if self._weighted is None:
-            self._weighted = _weighted_pass(self.weights, self.logits)
+            self._weighted = _weighted_pass(self.logits.numel(), self.weights, self.logits)
         return (self.log_norm - self._weighted / self.normaliser).squeeze(-1)
 
     def sample(self, draws: int, generator: torch.Generator) -> Tensor:
         """``draws`` iid actions from each policy, int64 ``[S, K, draws]``.
 
         Inverse-CDF sampling: the running sums of each row's weights (float64, into a buffer kept between
-        calls: one pass), ``draws`` uniforms in [0, total) per row and a binary search each. An action of
+        calls), ``draws`` uniforms in [0, total) per row and a binary search each. An action of
         weight 0 is never drawn: its running sum equals its predecessor's.
         """
         seeds, contexts_n, n = self.shape
         weights = self.weights.view(seeds * contexts_n, n)
         if self._cumulative is None or self._cumulative.shape != weights.shape:
             self._cumulative = torch.empty(weights.shape, dtype=torch.float64)
-        # summed in place in the buffer: cumsum(dtype=float64) would widen into a fresh copy
-        cumulative = torch.cumsum(self._cumulative.copy_(weights), -1, out=self._cumulative)
+        # summed into the buffer; float32 weights are widened by a copy first, as cumsum(dtype=float64)
+        # widens into a fresh tensor (6x slower here)
+        source = weights if weights.dtype == torch.float64 else self._cumulative.copy_(weights)
+        cumulative = torch.cumsum(source, -1, out=self._cumulative)
         total = cumulative[:, -1:]
         uniforms = torch.rand(weights.shape[0], draws, generator=generator, dtype=torch.float64) * total
         # a product that rounds up to the total would land past the last action of positive weight

@@ -3,8 +3,9 @@
 An update samples one batch from pi_old (``prompts`` groups of ``group_size`` actions per seed, each group
 in a context drawn uniformly), then makes ``passes`` passes over it in ``minibatches`` minibatches of
 whole groups, one optimiser step per minibatch. Each seed's objective is the mean over its minibatch of
-the clipped surrogate of :func:`entroclip.objectives.clipped_surrogate`; its clip masks and its gradient
-(exactly 0 on clipped samples) are taken from that function, so the lab follows the core's clipping rule.
+the clipped surrogate of :func:`entroclip.objectives.surrogate_terms` (the tensors of ``clipped_surrogate``);
+its clip masks and its gradient (exactly 0 on clipped samples) are taken from that function, so the lab
+follows the core's clipping rule.
 
 With per-sample weights w_i = dJ/dlog pi(a_i) (= A_i r_i / B on samples that are not clipped), the steps
 on the logits of context c are, with lr the learning rate:
@@ -26,7 +27,8 @@ from typing import Literal, Protocol, get_args
 import torch
 from torch import Tensor
 
-from entroclip.objectives import SurrogateOutput, clipped_surrogate
+from entroclip.objectives import surrogate_terms
+from entroclip.theory.compiling import CompiledForLargeRuns
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.softmax import SoftmaxState
 
@@ -169,27 +171,49 @@ def sample_batch(policy: SoftmaxState, config: LabConfig, generator: torch.Gener
     return Batch(contexts, flat_actions, advantages, logp_old.view(seeds, prompts, group_size), orders)
 
 
+def _weights_and_fractions(
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    eps_low: Tensor,
+    eps_high: Tensor,
+    dual_clip: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`surrogate_weights` on bounds given as 0-d tensors (a compiled graph serves every value)."""
+
+    def loss(logp: Tensor) -> tuple[Tensor, Tensor]:
+        mask = torch.ones_like(logp, dtype=torch.bool)
+        out, _ = surrogate_terms(
+            logp, logp_old, advantages, mask, eps_low, eps_high, dual_clip, agg="seq-mean-token-mean"
+        )
+        return out.loss, torch.stack(
+            [mask.float().mean() for mask in (out.clip_low, out.clip_high, out.dual)]
+        )
+
+    grad, fractions = torch.func.grad(loss, has_aux=True)(logp_new)
+    return -grad * logp_new.shape[0], fractions
+
+
+_weights_pass = CompiledForLargeRuns(_weights_and_fractions)
+
+
 def surrogate_weights(
-    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip: ClipBounds
-) -> tuple[Tensor, SurrogateOutput]:
-    """Per-sample weights w = dJ/dlog pi(a) of each seed's mean clipped surrogate J, ``[S, B]``.
+    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip: ClipBounds, policy_size: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Per-sample weights w = dJ/dlog pi(a) of each seed's mean clipped surrogate J, ``[S, B]``, and the
+    fractions of samples clipped low, high and by the dual clip, ``[3]``.
 
     Rows are seeds; ``seq-mean-token-mean`` averages over the B samples of a row and then over the S
-    rows, so S times the gradient of the core's loss is minus each seed's own gradient.
+    rows, so S times the gradient of the core's loss is minus each seed's own gradient. ``policy_size``
+    (logits of the policies stepped) decides whether the work runs compiled.
     """
-    leaf = logp_new.detach().requires_grad_(True)
-    out = clipped_surrogate(
-        leaf,
-        logp_old,
-        advantages,
-        torch.ones_like(leaf, dtype=torch.bool),
-        clip.eps_low,
-        clip.eps_high,
-        clip.dual_clip,
-        agg="seq-mean-token-mean",
+    # a side that is off gets a bound that never fires (r < 0, r > inf): one compiled graph serves all
+    bounds = (
+        1.0 if clip.eps_low is None else clip.eps_low,
+        math.inf if clip.eps_high is None else clip.eps_high,
+        math.inf if clip.dual_clip is None else clip.dual_clip,
     )
-    (grad,) = torch.autograd.grad(out.loss, leaf)
-    return -grad.to(logp_new.dtype) * leaf.shape[0], out
+    return _weights_pass(policy_size, logp_new, logp_old, advantages, *map(logp_new.new_tensor, bounds))
 
 
 def make_optimiser(policy: SoftmaxState, config: LabConfig) -> torch.optim.Adam | None:
@@ -264,16 +288,18 @@ def run_update(
     observer: StepObserver | None = None,
 ) -> ClipFractions:
     """Apply one update (all passes and minibatches of ``batch``) to ``policy`` in place."""
-    stats = []
+    fractions = []
     for minibatch in batch.minibatches(config.minibatches):
         logp_new = policy.log_probs_at(minibatch.flat_actions, minibatch.contexts)
-        weights, out = surrogate_weights(logp_new, minibatch.logp_old, minibatch.advantages, config.clip)
+        weights, clipped = surrogate_weights(
+            logp_new, minibatch.logp_old, minibatch.advantages, config.clip, policy.logits.numel()
+        )
         if observer is not None:
             observer.before_step(policy)
         ascend(policy, minibatch.contexts, minibatch.flat_actions, weights, config, adam, log_probs=logp_new)
         if observer is not None:
             observer.after_step(policy)
-        stats.append(out.stats)
+        fractions.append(clipped)
     # an infinite logit makes its row's normaliser or entropy (0 * -inf) non-finite; the entropy costs
     # no extra pass: a dense step leaves it behind, and callers read it after the update in any case
     if not bool(torch.isfinite(policy.log_norm).all() and torch.isfinite(policy.entropy()).all()):
@@ -281,7 +307,4 @@ def run_update(
             f"the policy diverged (non-finite logits) under {config.optimiser} with lr={config.lr}: "
             "lower the learning rate (npg moves log pi_a by about lr / pi_a for a rare action a)"
         )
-    low, high, dual = (
-        sum(s[f"clip_ratio/{side}_mean"] for s in stats) / len(stats) for side in ("low", "high", "dual")
-    )
-    return ClipFractions(low, high, dual)
+    return ClipFractions(*torch.stack(fractions).mean(0).tolist())
