@@ -33,6 +33,7 @@ def quick_settings(attribution: bool = True, max_len: int = NEW_TOKENS) -> Updat
         minibatches=MINIBATCHES,
         grad_clip=1.0,
         attribution=attribution,
+        group_size=GROUP,
     )
 
 
@@ -117,7 +118,8 @@ def bare_update(
     eps_high = settings.eps_high if settings.eps_high is not None else math.inf
     loss_of = functions.get(bare_loss)
     for _ in range(settings.epochs):
-        for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
+        rows = batch.advantages.shape[0]
+        for index in minibatch_indices(rows, settings.minibatches, generator, settings.group_size):
             loss = loss_of(model, batch.select(index), settings.temperature, eps_low, eps_high)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

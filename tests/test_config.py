@@ -15,6 +15,7 @@ BAD = [
     ({"optim": {"lr": -1}}, "optim.lr"),
     ({"optim": {"lr": "fast"}}, "optim.lr"),
     ({"optim": {"minibatches": 1000}}, "optim.minibatches"),
+    ({"optim": {"minibatches": 20}, "task": {"prompts_per_step": 16}}, "optim.minibatches"),
     ({"rollout": {"group_size": 1}}, "rollout.group_size"),
     ({"rollout": {"temperature": 0}}, "rollout.temperature"),
     ({"rollout": {"top_p": 1.5}}, "rollout.top_p"),
@@ -35,6 +36,11 @@ def test_bad_values_name_the_field(data, field):
         parse_config(data)
     assert field in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_minibatches_of_single_responses_may_outnumber_the_prompts():
+    data = {"optim": {"minibatches": 20, "group_minibatches": False}, "task": {"prompts_per_step": 16}}
+    assert parse_config(data).optim.minibatches == 20
 
 
 def test_group_size_one_is_fine_without_std_normalisation():

@@ -235,7 +235,13 @@ def test_single_process_context():
         DistContext(rank=0, world_size=2).shard([1, 2, 3])
 
 
-TORCHRUN_SMALL = ["run.steps=2", "run.tensorboard=false", "task.prompts_per_step=4", "rollout.group_size=4"]
+TORCHRUN_SMALL = [
+    "run.steps=2",
+    "run.tensorboard=false",
+    "task.prompts_per_step=4",
+    "rollout.group_size=4",
+    "optim.minibatches=2",  # minibatches of whole groups: 2 prompts per rank
+]
 
 
 def launch(*args: str, ranks: int = 2) -> subprocess.CompletedProcess:

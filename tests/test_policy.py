@@ -1,12 +1,21 @@
 """Built-in models, loading through from_pretrained, sampling, and sampler/trainer log-prob consistency."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from entroclip.policy import sampling
 from entroclip.policy.builtin import BUILTIN_MODELS, build_builtin, char_tokenizer, save_builtin
 from entroclip.policy.loading import find_smollm2_gguf, format_prompts, load_policy
-from entroclip.policy.sampling import response_logits, response_mask_from, sample, token_logprobs
+from entroclip.policy.sampling import (
+    SharedPrompts,
+    response_logits,
+    response_logits_and_hidden,
+    response_mask_from,
+    sample,
+    token_logprobs,
+)
 
 ALPHABET = "0123456789+="
 
@@ -87,17 +96,51 @@ def test_repeated_prompts_share_one_prompt_pass(tiny, monkeypatch):
     finally:
         hook.remove()
     assert shapes[0] == (3, 5) and shapes[1] == (8, 1)  # 3 distinct prompts, all but the last token
-    monkeypatch.setattr(sampling, "shared_prompt_cache", lambda *args: None)
+    monkeypatch.setattr(sampling, "prompt_prefix_cache", lambda *args: None)
     full = sample(model, tok, prompts, 6, temperature=0.9, seed=3, return_logp=True)
     assert torch.equal(shared.input_ids, full.input_ids)
     assert torch.equal(shared.attention_mask, full.attention_mask)
     torch.testing.assert_close(shared.sampler_logp, full.sampler_logp, rtol=0, atol=1e-5)
-    assert (
-        sampling.shared_prompt_cache(
-            model, ["1+1=", "5+7="], tok(["1+1=", "5+7="], return_tensors="pt", padding=True)
-        )
-        is None
+    assert shared.shared is not None and shared.shared.firsts.tolist() == [0, 1, 4]
+    assert shared.shared.slots.tolist() == [0, 1, 1, 0, 2, 2, 1, 0]
+    assert SharedPrompts.of(["1+1=", "5+7="], torch.device("cpu")) is None
+
+
+def test_minibatch_keeps_the_prompt_sharing_of_its_rows():
+    shared = SharedPrompts.of(["a", "a", "b", "b", "c", "c"], torch.device("cpu"))
+    picked = shared.select(torch.tensor([5, 2, 4, 3]))
+    assert picked.firsts.tolist() == [0, 1] and picked.slots.tolist() == [0, 1, 0, 1]
+    assert shared.select(torch.tensor([0, 2, 4])) is None
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_training_forward_shares_the_prompt_pass(tiny, temperature):
+    """With shared prompts the training forward runs each distinct prompt once (all but its last token),
+    then every row's last prompt token and response; logits, hidden states and gradients are those of one
+    pass over the full rows."""
+    model, tok = tiny
+    prompts = ["12+34=", "5+7=", "5+7=", "12+34=", "1+1=", "1+1=", "5+7=", "12+34="]
+    rollout = sample(model, tok, prompts, 6, temperature=temperature, seed=4)
+    assert rollout.shared is not None
+    unshared = dataclasses.replace(rollout, shared=None)
+    shapes = []
+    hook = model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
+    try:
+        results = [response_logits_and_hidden(model, r, temperature) for r in (rollout, unshared)]
+    finally:
+        hook.remove()
+    assert shapes == [(3, 5), (8, 7), (8, 12)]
+    (logits, hidden), (full_logits, full_hidden) = results
+    torch.testing.assert_close(logits, full_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(hidden, full_hidden, rtol=0, atol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+    grads = [torch.autograd.grad((x * weights).sum() + h.square().sum(), params) for x, h in results]
+    for got, expected in zip(*grads, strict=True):
+        # float32 sums taken in another order: relative error ~1e-6 of each tensor's largest entry
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
 
 
 def test_sampler_logprobs_only_on_request(tiny):

@@ -127,6 +127,12 @@ class OptimConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
     epochs: int = Field(4, ge=1, le=1000, description="passes over each rollout batch (mu)")
     minibatches: int = Field(4, ge=1, le=65536, description="minibatches per pass")
+    group_minibatches: bool = Field(
+        True,
+        description="minibatches hold whole groups (a prompt's G responses together, as in verl), so the "
+        "training forward pass runs each prompt once per minibatch; false: single responses, shuffled "
+        "across groups",
+    )
     max_skipped_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
 
 
@@ -258,6 +264,11 @@ class Config(Section):
             raise ValueError(
                 f"optim.minibatches must be <= task.prompts_per_step * rollout.group_size = {batch}, "
                 f"got {self.optim.minibatches}"
+            )
+        if self.optim.group_minibatches and self.optim.minibatches > self.task.prompts_per_step:
+            raise ValueError(
+                f"optim.minibatches must be <= task.prompts_per_step = {self.task.prompts_per_step} with "
+                f"optim.group_minibatches (minibatches of whole groups), got {self.optim.minibatches}"
             )
         if self.control.kind in ("clip_cov", "kl_cov") and self.on_policy:
             raise ValueError(

@@ -238,6 +238,13 @@ class Trainer:
                 f"task.prompts_per_step must be divisible by the number of ranks ({world}), "
                 f"got {self.config.task.prompts_per_step}"
             )
+        o, per_rank = self.config.optim, self.config.task.prompts_per_step // world
+        units = per_rank if o.group_minibatches else per_rank * self.config.rollout.group_size
+        if o.minibatches > units:
+            raise ConfigError(
+                f"optim.minibatches must be <= the {'prompts' if o.group_minibatches else 'responses'} of "
+                f"one rank ({units} over {world} ranks), got {o.minibatches}"
+            )
         if self.config.diagnostics.counterfactual_every:
             raise ConfigError(
                 "diagnostics.counterfactual_every must be 0 under torchrun (single process only)"
@@ -565,6 +572,7 @@ class Trainer:
             epochs=c.optim.epochs,
             minibatches=c.optim.minibatches,
             grad_clip=c.optim.grad_clip,
+            group_size=c.rollout.group_size if c.optim.group_minibatches else 1,
             entropy_coef=action.entropy_coef,
             kl_coef=c.loss.kl.coef if not c.loss.kl.in_reward else 0.0,
             kl_kind=c.loss.kl.kind,

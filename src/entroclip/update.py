@@ -77,7 +77,8 @@ class CovSettings:
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    """Everything the update needs besides the model, the optimizer and the batch."""
+    """Everything the update needs besides the model, the optimizer and the batch. ``group_size``:
+    minibatches hold whole groups of this many consecutive rows (1: single rows)."""
 
     eps_low: float | None
     eps_high: float | None
@@ -88,6 +89,7 @@ class UpdateSettings:
     epochs: int
     minibatches: int
     grad_clip: float | None
+    group_size: int = 1
     entropy_coef: float = 0.0
     kl_coef: float = 0.0
     kl_kind: KLKind = "k3"
@@ -177,9 +179,20 @@ class UpdateStats:
         return out
 
 
-def minibatch_indices(batch_size: int, minibatches: int, generator: torch.Generator) -> list[Tensor]:
-    """A shuffled split of ``range(batch_size)`` into ``minibatches`` near-equal parts."""
-    return list(torch.randperm(batch_size, generator=generator).chunk(minibatches))
+def minibatch_indices(
+    batch_size: int, minibatches: int, generator: torch.Generator, group_size: int = 1
+) -> list[Tensor]:
+    """A shuffled split of ``range(batch_size)`` into ``minibatches`` near-equal parts of whole groups
+    (``group_size`` consecutive rows; 1: single rows). Needs at least ``minibatches`` groups."""
+    groups = batch_size // group_size
+    if batch_size % group_size or groups < minibatches:
+        raise ValueError(
+            f"{batch_size} rows in groups of {group_size} cannot make {minibatches} minibatches of "
+            "whole groups"
+        )
+    members = torch.arange(group_size)
+    order = torch.randperm(groups, generator=generator)
+    return [(part.unsqueeze(-1) * group_size + members).flatten() for part in order.chunk(minibatches)]
 
 
 class StepFunctions:
@@ -263,7 +276,8 @@ def run_update(
     knobs, static = _knobs(settings), _StaticSettings.of(settings)
     model.train()
     for _ in range(settings.epochs):
-        for index in minibatch_indices(batch.advantages.shape[0], settings.minibatches, generator):
+        rows = batch.advantages.shape[0]
+        for index in minibatch_indices(rows, settings.minibatches, generator, settings.group_size):
             mb = batch.select(index)
             args = (model, value_head, optimizer, mb, settings, static, knobs, stats, generator, ctx)
             if not functions.compiled:

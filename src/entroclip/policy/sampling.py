@@ -8,6 +8,7 @@ log-probs are taken under ``softmax(logits / temperature)``.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,34 @@ from entroclip.distributed import is_sharded
 from entroclip.entropy import token_stats
 
 
+@dataclass(frozen=True)
+class SharedPrompts:
+    """Which rows of a batch share their prompt (the same tokens and padding): ``firsts`` ``[D]``, the
+    first row of each of the D distinct prompts, in order; ``slots`` ``[B]``, each row's prompt as an
+    index into ``firsts``."""
+
+    firsts: Tensor
+    slots: Tensor
+
+    @classmethod
+    def of(cls, keys: Sequence[Hashable], device: torch.device) -> SharedPrompts | None:
+        """From one key per row (rows with equal keys share the prompt); None where no key repeats."""
+        firsts: dict[Hashable, int] = {}
+        for row, key in enumerate(keys):
+            firsts.setdefault(key, row)
+        if len(firsts) == len(keys):
+            return None
+        slot = {key: k for k, key in enumerate(firsts)}
+        return cls(
+            torch.tensor(list(firsts.values()), device=device),
+            torch.tensor([slot[key] for key in keys], device=device),
+        )
+
+    def select(self, index: Tensor) -> SharedPrompts | None:
+        """The sharing among the rows in ``index``."""
+        return SharedPrompts.of(self.slots[index].tolist(), self.slots.device)
+
+
 @dataclass
 class Rollout:
     """A batch of prompts with one sampled response each (prompts repeated G times, consecutively).
@@ -25,7 +54,9 @@ class Rollout:
     ``input_ids``/``attention_mask``: ``[B, P + T]`` (left-padded prompt, then response, pad after EOS);
     ``response_mask``: bool ``[B, T]``, True up to and including the first EOS; ``sampler_logp``:
     ``[B, T]`` log-probs of the sampled tokens under the sampling distribution (0 after EOS), or None
-    when the sampler was not asked for them (the trainer recomputes them with its own forward pass).
+    when the sampler was not asked for them (the trainer recomputes them with its own forward pass);
+    ``shared``: the rows that share a prompt, whose forward passes then share the prompt's (None: no
+    row is known to share one).
     """
 
     input_ids: Tensor
@@ -34,6 +65,7 @@ class Rollout:
     response_mask: Tensor
     sampler_logp: Tensor | None
     texts: list[str]
+    shared: SharedPrompts | None = None
 
     @property
     def responses(self) -> Tensor:
@@ -49,6 +81,7 @@ class Rollout:
             self.response_mask[index],
             self.sampler_logp[index] if self.sampler_logp is not None else None,
             [self.texts[i] for i in rows],
+            self.shared.select(index) if self.shared is not None else None,
         )
 
 
@@ -76,21 +109,24 @@ def sample(
 
     With ``return_logp``, ``generate`` keeps every step's scores ``[B, V]`` and the rollout carries the
     sampled tokens' log-probs (``sampler_logp``); without, it is None and the tokens are the same. Prompts
-    that repeat share one forward pass over all but their last token (:func:`shared_prompt_cache`). A
+    that repeat share one forward pass over all but their last token (:func:`prompt_prefix_cache`). A
     sharded (FSDP) model keeps decoding until every rank is done, as each step is a collective."""
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     was_training = model.training
     model.eval()
+    shared = SharedPrompts.of(prompts, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         # a sharded model's forward passes are collectives: every rank must make the same calls
-        cache = None if is_sharded(model) else shared_prompt_cache(model, prompts, enc)
+        cache = None
+        if shared is not None and enc["input_ids"].shape[1] >= 2 and not is_sharded(model):
+            prompt = enc["input_ids"].shape[1]
+            cache = prompt_prefix_cache(model, enc["input_ids"], enc["attention_mask"], prompt, shared)
         torch.manual_seed(seed)
-        shared = {} if cache is None else {_cache_argument(model): cache}
         out = model.generate(
             **enc,
-            **shared,
+            **({} if cache is None else {_cache_argument(model): cache}),
             do_sample=True,
             temperature=temperature,
             top_p=top_p,
@@ -114,43 +150,47 @@ def sample(
     texts = tokenizer.batch_decode(
         torch.where(mask, responses, tokenizer.pad_token_id), skip_special_tokens=True
     )
-    return Rollout(out.sequences, attention, prompt_len, mask, logp, texts)
+    return Rollout(out.sequences, attention, prompt_len, mask, logp, texts, shared)
 
 
-def _cache_argument(model: PreTrainedModel) -> str:
+def _forward_takes(model: torch.nn.Module, keyword: str) -> bool:
+    """Whether the forward pass of ``model`` (of the module a DDP wrapper holds) takes ``keyword``."""
+    return _takes(type(getattr(model, "module", model)), keyword)
+
+
+@torch.compiler.assume_constant_result
+def _takes(model_type: type, keyword: str) -> bool:
+    return keyword in inspect.signature(model_type.forward).parameters
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
     """The keyword under which ``model`` takes a KV cache: ``cache`` (newer transformers, where
     ``past_key_values`` is deprecated) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if _forward_takes(model, "cache") else "past_key_values"
 
 
-def shared_prompt_cache(
-    model: PreTrainedModel, prompts: list[str], enc: dict[str, Tensor]
-) -> DynamicCache | None:
-    """The KV cache of every prompt but its last token, computed once per distinct prompt and repeated
-    to the rows that share it (a group's G copies), or None where no prompt repeats.
+def prompt_prefix_cache(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, shared: SharedPrompts
+) -> DynamicCache:
+    """The KV cache of every row's prompt but its last token, computed once per distinct prompt and
+    repeated to the rows that share it (a group's G copies); differentiable where gradients are on.
 
-    ``generate`` then runs only the last prompt token and the response through the model: with groups of
-    G, the prompt's forward pass costs 1/G of what it did. The cache holds what the full batch's prefill
-    would: rows are independent and take the same (left-padded) positions.
+    A forward pass that starts from this cache runs only the last prompt token and what follows: with
+    groups of G, the prompt costs 1/G of what it did. The cache holds what one pass over all rows would:
+    rows are independent and keep their (left-padded) positions.
 
     Args:
-        prompts: ``B`` prompt strings; enc: their left-padded ``input_ids`` / ``attention_mask`` ``[B, P]``.
+        input_ids, attention_mask: ``[B, L]``, the left-padded prompt in the first ``prompt_len`` >= 2
+            columns (the rest, if any, is not read); shared: the rows' prompt sharing.
+    Returns: a cache of ``B`` rows and ``prompt_len - 1`` positions.
     """
-    distinct = {prompt: i for i, prompt in reversed(list(enumerate(prompts)))}
-    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
-    if len(distinct) == len(prompts) or input_ids.shape[1] < 2:
-        return None
-    device = input_ids.device
-    firsts = torch.tensor(sorted(distinct.values()), device=device)
-    slot = {row: k for k, row in enumerate(firsts.tolist())}
-    rows = torch.tensor([slot[distinct[prompt]] for prompt in prompts], device=device)
-    ids, mask = input_ids[firsts, :-1], attention_mask[firsts, :-1]
-    positions = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)
-    cache = DynamicCache(config=model.config)
+    ids = input_ids[shared.firsts, : prompt_len - 1]
+    mask = attention_mask[shared.firsts, : prompt_len - 1]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inner = getattr(model, "module", model)
+    cache = DynamicCache(config=inner.config)
     # the cache is what this pass is for: the logits of one position, not of all, where the model allows
-    last_only = (
-        {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    )
+    last_only = {"logits_to_keep": 1} if _forward_takes(model, "logits_to_keep") else {}
     model(
         input_ids=ids,
         attention_mask=mask,
@@ -159,24 +199,34 @@ def shared_prompt_cache(
         **last_only,
         **{_cache_argument(model): cache},
     )
-    cache.batch_select_indices(rows)
+    cache.batch_select_indices(shared.slots)
     return cache
 
 
 def _response_forward(
     model: PreTrainedModel, rollout: Rollout, temperature: float, hidden: bool
 ) -> tuple[Tensor, Tensor | None]:
+    """The forward pass over the rollout; rows that share a prompt share its pass over all but the last
+    prompt token (:func:`prompt_prefix_cache`), except on a sharded (FSDP) model."""
     positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
     length, t = rollout.input_ids.shape[1], rollout.response_mask.shape[1]
+    start, cache = 0, {}
+    if rollout.shared is not None and rollout.prompt_len >= 2 and not is_sharded(model):
+        start = rollout.prompt_len - 1
+        prefix = prompt_prefix_cache(
+            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, rollout.shared
+        )
+        cache = {_cache_argument(model): prefix}
     # the positions that predict the response tokens; the logits come out contiguous, [B, T, V]
-    predicting = torch.arange(length - t - 1, length - 1, device=rollout.input_ids.device)
+    predicting = torch.arange(length - t - 1 - start, length - 1 - start, device=rollout.input_ids.device)
     out = model(
-        input_ids=rollout.input_ids,
+        input_ids=rollout.input_ids[:, start:],
         attention_mask=rollout.attention_mask,
-        position_ids=positions,
+        position_ids=positions[:, start:],
         logits_to_keep=predicting,
-        use_cache=False,
+        use_cache=bool(cache),
         output_hidden_states=hidden,
+        **cache,
     )
     logits = out.logits
     if temperature != 1.0:
