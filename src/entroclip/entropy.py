@@ -88,10 +88,12 @@ def _bits(chunk: Tensor, shift: Tensor, temperature: float, out: Tensor) -> Tens
     return out.mul_(1.0 / (_LN2 * temperature))
 
 
-def _workspace(logits: Tensor, rows: int, buffers: int) -> Tensor:
-    """float32 scratch ``[buffers, rows, V]`` that every chunk reuses: fresh memory for each chunk would
-    cost page faults."""
-    return logits.new_empty((buffers, min(rows, logits.shape[0]), logits.shape[-1]), dtype=torch.float32)
+def _workspace(logits: Tensor, rows: int, buffers: int) -> list[Tensor]:
+    """``buffers`` float32 scratch tensors ``[rows, V]`` that every chunk reuses: fresh memory for each
+    chunk would cost page faults. Separate tensors, not views of one: inside ``torch.compile`` writes
+    through views of a shared base become selects over all of it in every element's arithmetic."""
+    shape = (min(rows, logits.shape[0]), logits.shape[-1])
+    return [logits.new_empty(shape, dtype=torch.float32) for _ in range(buffers)]
 
 
 class _Sums(NamedTuple):
@@ -106,21 +108,21 @@ class _Sums(NamedTuple):
 
 
 def _chunk_sums(
-    chunk: Tensor, tokens: Tensor | None, temperature: float, moments: int, work: Tensor
+    chunk: Tensor, tokens: Tensor | None, temperature: float, moments: int, work: list[Tensor]
 ) -> _Sums:
     """Row sums of one chunk of logits ``[n, V]`` (tokens ``[n, 1]``): s0 only (``moments=0``), up to s1
     (1) or up to s3 (2); ``shift`` is the row maximum of the logits and ``picked`` d at the tokens.
     ``work``: scratch, see :func:`_workspace` (two buffers unless ``moments=0``)."""
     n = chunk.shape[0]
     shift = chunk.amax(-1, keepdim=True).float()
-    d = _bits(chunk, shift, temperature, work[0, :n])
+    d = _bits(chunk, shift, temperature, work[0][:n])
     picked = d.gather(-1, tokens).squeeze(-1) if tokens is not None else None
     if moments == 0:
         return _Sums(shift.squeeze(-1), picked, d.exp2_().sum(-1), None, None, None)
     # A token of probability 0 (d = -inf) would make e d = 0 * -inf NaN: the floor keeps d finite, with
     # exp2(d) still exactly 0 (a NaN logit stays NaN and makes s0 NaN). A plain sum then vectorises where
     # nansum would not (inductor tests each lane for NaN).
-    e = torch.exp2(d.clamp_(min=_LOGP_FLOOR), out=work[1, :n])
+    e = torch.exp2(d.clamp_(min=_LOGP_FLOOR), out=work[1][:n])
     # in place from here on: d becomes e d, then e^2 d, and e becomes e^2. torch's cascaded summation
     # keeps float32 error ~1e-5 relative at V = 150k (a plain dot product accumulates ~20x more).
     s0, s1 = e.sum(-1), d.mul_(e).sum(-1)
@@ -234,8 +236,8 @@ class _TokenStatsFunction(torch.autograd.Function):
                 (shift[rows], log2_s0[rows], _rows(h, rows)),
                 (_rows(grad_logp, rows), _rows(grad_h, rows)),
                 ctx.temperature,
-                grad[rows] if direct else work[1, :n],
-                work[0, :n],
+                grad[rows] if direct else work[1][:n],
+                work[0][:n],
             )
             if not direct:
                 grad[rows] = out
