@@ -359,13 +359,9 @@ def attribution_terms(
     contribution = torch.where(mask, adv * ratio * out.token_scale * kappa.float(), zero)
     removed = out.clip_low | out.clip_high | out.dual | out.detached
     unclipped = mask & ~removed
-    groups = (
-        out.clip_low,
-        out.clip_high,
-        out.dual,
-        out.detached,
-        unclipped & (adv > 0),
-        unclipped & (adv < 0),
+    groups = torch.stack(
+        [out.clip_low, out.clip_high, out.dual, out.detached, unclipped & (adv > 0), unclipped & (adv < 0)]
     )
-    signs = torch.tensor([-1.0, -1.0, -1.0, -1.0, 1.0, 1.0], device=contribution.device)
-    return torch.stack([torch.where(g, contribution, zero).sum() for g in groups]) * signs
+    sums = torch.where(groups, contribution, zero).flatten(1).sum(-1)
+    # the removed groups' effect is minus the change their gradient would have caused
+    return torch.cat([-sums[:4], sums[4:]])

@@ -393,22 +393,22 @@ def _loss_terms(
     )
     with torch.no_grad():
         r = out.ratio
-        clipped = out.clip_low | out.clip_high | out.dual
-        zero = torch.zeros((), dtype=torch.float32, device=r.device)
+        # tokens, clip_low, clip_high, dual and cov_selected, counted in one reduction
+        events = [mask, out.clip_low, out.clip_high, out.dual]
+        if selected is not None:
+            events.append(selected & ~(out.clip_low | out.clip_high | out.dual))
+        counts = torch.stack(events).flatten(1).sum(-1, dtype=torch.float32)
+        if selected is None:
+            counts = torch.nn.functional.pad(counts, (0, 1))
         inf = torch.full((), math.inf, dtype=torch.float32, device=r.device)
         values = [
-            mask.sum(),
-            out.clip_low.sum(),
-            out.clip_high.sum(),
-            out.dual.sum(),
-            (selected & ~clipped).sum() if selected is not None else zero,
-            torch.where(mask, r, zero).sum(),
-            torch.where(mask, r, inf).min() if r.numel() else inf,
-            torch.where(mask, r, -inf).max() if r.numel() else -inf,
+            torch.where(mask, r, 0.0).sum(),
+            torch.where(mask, r, math.inf).min() if r.numel() else inf,
+            torch.where(mask, r, -math.inf).max() if r.numel() else -inf,
             out.pg_loss,
-            value_loss if value_loss is not None else zero,
+            value_loss if value_loss is not None else torch.zeros_like(inf),
         ]
-        vector = torch.stack([v.float() for v in values])
+        vector = torch.cat([counts, torch.stack([v.float() for v in values])])
         if kappa is not None:
             effects = attribution_terms(out, kappa, mb.advantages, logp_new, mb.logp_old, mask)
             vector = torch.cat([vector, effects])
