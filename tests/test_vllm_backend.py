@@ -26,7 +26,7 @@ from entroclip.config import load_config
 from entroclip.distributed import DistContext
 from entroclip.policy.builtin import build_builtin
 from entroclip.policy.loading import load_policy
-from entroclip.policy.sampling import Rollout, response_logits, sample, token_logprobs
+from entroclip.policy.sampling import Rollout, SharedPrompts, response_logits, sample, token_logprobs
 from entroclip.policy.vllm_backend import VLLMSampler, build_rollout, request_seeds, sampled_logprobs
 from entroclip.trainer import Trainer
 
@@ -230,6 +230,9 @@ def assert_rollouts_equal(actual: Rollout, expected: Rollout) -> None:
         if isinstance(e, torch.Tensor):
             assert a.dtype == e.dtype and a.device == e.device, field.name
             torch.testing.assert_close(a, e, msg=field.name)
+        elif isinstance(e, SharedPrompts):
+            assert isinstance(a, SharedPrompts), field.name
+            assert torch.equal(a.firsts, e.firsts) and torch.equal(a.slots, e.slots), field.name
         else:
             assert a == e, field.name
 

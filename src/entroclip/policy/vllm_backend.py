@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroclip.distributed import DistContext
-from entroclip.policy.sampling import Rollout, response_mask_from
+from entroclip.policy.sampling import Rollout, SharedPrompts, response_mask_from
 
 
 def vllm_available() -> str | None:
@@ -114,7 +114,8 @@ def build_rollout(
     logp = torch.tensor([row + [0.0] * (width - len(row)) for row in response_logp], device=device)
     logp = torch.where(mask, logp, torch.zeros_like(logp))
     texts = tokenizer.batch_decode(torch.where(mask, responses, pad), skip_special_tokens=True)
-    return Rollout(input_ids, torch.cat([prompt_mask, mask.long()], 1), prompt_len, mask, logp, texts)
+    shared = SharedPrompts.of([tuple(p) for p in prompt_ids], device)
+    return Rollout(input_ids, torch.cat([prompt_mask, mask.long()], 1), prompt_len, mask, logp, texts, shared)
 
 
 class VLLMSampler:
