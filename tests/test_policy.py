@@ -106,6 +106,14 @@ def test_repeated_prompts_share_one_prompt_pass(tiny, monkeypatch):
     assert SharedPrompts.of(["1+1=", "5+7="], torch.device("cpu")) is None
 
 
+def test_prompt_sharing_from_token_rows():
+    ids = torch.tensor([[0, 5, 6], [0, 5, 6], [5, 5, 6], [0, 5, 6]])
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])  # row 3: same tokens, pad 0 is a token
+    shared = SharedPrompts.of_rows(ids, mask)
+    assert shared.firsts.tolist() == [0, 2, 3] and shared.slots.tolist() == [0, 0, 1, 2]
+    assert SharedPrompts.of_rows(ids[1:], mask[1:]) is None
+
+
 def test_minibatch_keeps_the_prompt_sharing_of_its_rows():
     shared = SharedPrompts.of(["a", "a", "b", "b", "c", "c"], torch.device("cpu"))
     picked = shared.select(torch.tensor([5, 2, 4, 3]))

@@ -51,6 +51,7 @@ from entroclip.policy.builtin import save_builtin
 from entroclip.policy.loading import format_prompts, load_policy, resolve_gguf
 from entroclip.policy.sampling import (
     Rollout,
+    SharedPrompts,
     response_logits,
     response_logits_and_hidden,
     sample,
@@ -430,7 +431,17 @@ class Trainer:
         self.ctx.barrier()
         t = {k: v.to(self.ctx.device) for k, v in load_file(str(path)).items()}
         mask = t["response_mask"].bool()
-        return Rollout(t["input_ids"], t["attention_mask"], int(t["prompt_len"]), mask, t["logp"], [])
+        prompt_len = int(t["prompt_len"])
+        prompts = t["input_ids"][:, :prompt_len], t["attention_mask"][:, :prompt_len]
+        return Rollout(
+            t["input_ids"],
+            t["attention_mask"],
+            prompt_len,
+            mask,
+            t["logp"],
+            [],
+            SharedPrompts.of_rows(*prompts),
+        )
 
     @torch.no_grad()
     def _policy_logp(self, rollout: Rollout) -> torch.Tensor:

@@ -42,6 +42,13 @@ class SharedPrompts:
             torch.tensor([slot[key] for key in keys], device=device),
         )
 
+    @classmethod
+    def of_rows(cls, prompt_ids: Tensor, prompt_mask: Tensor) -> SharedPrompts | None:
+        """From the left-padded prompt tokens and their attention mask ``[B, P]``: rows equal in both
+        share their prompt."""
+        rows = zip(prompt_ids.tolist(), prompt_mask.tolist(), strict=True)
+        return cls.of([(tuple(ids), tuple(mask)) for ids, mask in rows], prompt_ids.device)
+
     def select(self, index: Tensor) -> SharedPrompts | None:
         """The sharing among the rows in ``index``."""
         return SharedPrompts.of(self.slots[index].tolist(), self.slots.device)

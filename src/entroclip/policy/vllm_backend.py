@@ -114,7 +114,7 @@ def build_rollout(
     logp = torch.tensor([row + [0.0] * (width - len(row)) for row in response_logp], device=device)
     logp = torch.where(mask, logp, torch.zeros_like(logp))
     texts = tokenizer.batch_decode(torch.where(mask, responses, pad), skip_special_tokens=True)
-    shared = SharedPrompts.of([tuple(p) for p in prompt_ids], device)
+    shared = SharedPrompts.of_rows(input_ids[:, :prompt_len], prompt_mask)
     return Rollout(input_ids, torch.cat([prompt_mask, mask.long()], 1), prompt_len, mask, logp, texts, shared)
 
 
