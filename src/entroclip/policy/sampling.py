@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from entroclip.distributed import is_sharded
+from entroclip.distributed import is_sharded, unwrap
 from entroclip.entropy import token_stats
 
 
@@ -162,11 +162,11 @@ def sample(
 
 def _forward_takes(model: torch.nn.Module, keyword: str) -> bool:
     """Whether the forward pass of ``model`` (of the module a DDP wrapper holds) takes ``keyword``."""
-    return _takes(type(getattr(model, "module", model)), keyword)
+    return _takes(type(unwrap(model)), keyword)
 
 
 @torch.compiler.assume_constant_result
-def _takes(model_type: type, keyword: str) -> bool:
+def _takes(model_type: type[torch.nn.Module], keyword: str) -> bool:
     return keyword in inspect.signature(model_type.forward).parameters
 
 
@@ -194,8 +194,7 @@ def prompt_prefix_cache(
     ids = input_ids[shared.firsts, : prompt_len - 1]
     mask = attention_mask[shared.firsts, : prompt_len - 1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    inner = getattr(model, "module", model)
-    cache = DynamicCache(config=inner.config)
+    cache = DynamicCache(config=getattr(unwrap(model), "config", None))
     # the cache is what this pass is for: the logits of one position, not of all, where the model allows
     last_only = {"logits_to_keep": 1} if _forward_takes(model, "logits_to_keep") else {}
     model(
