@@ -186,9 +186,9 @@ def _weights_and_fractions(
         out, _ = surrogate_terms(
             logp, logp_old, advantages, mask, eps_low, eps_high, dual_clip, agg="seq-mean-token-mean"
         )
-        return out.loss, torch.stack(
-            [mask.float().mean() for mask in (out.clip_low, out.clip_high, out.dual)]
-        )
+        # three means, not one over a stacked [3, S B] mask: that one compiles into a 4x slower kernel
+        fractions = [clipped.float().mean() for clipped in (out.clip_low, out.clip_high, out.dual)]
+        return out.loss, torch.stack(fractions)
 
     grad, fractions = torch.func.grad(loss, has_aux=True)(logp_new)
     return -grad * logp_new.shape[0], fractions
