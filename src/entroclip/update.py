@@ -275,8 +275,8 @@ def run_update(
     generator = torch.Generator().manual_seed(shuffle_seed)
     knobs, static = _knobs(settings), _StaticSettings.of(settings)
     model.train()
+    rows = batch.advantages.shape[0]
     for _ in range(settings.epochs):
-        rows = batch.advantages.shape[0]
         for index in minibatch_indices(rows, settings.minibatches, generator, settings.group_size):
             mb = batch.select(index)
             args = (model, value_head, optimizer, mb, settings, static, knobs, stats, generator, ctx)
@@ -394,12 +394,10 @@ def _loss_terms(
     with torch.no_grad():
         r = out.ratio
         # tokens, clip_low, clip_high, dual and cov_selected, counted in one reduction
-        events = [mask, out.clip_low, out.clip_high, out.dual]
-        if selected is not None:
-            events.append(selected & ~(out.clip_low | out.clip_high | out.dual))
-        counts = torch.stack(events).flatten(1).sum(-1, dtype=torch.float32)
-        if selected is None:
-            counts = torch.nn.functional.pad(counts, (0, 1))
+        clipped = out.clip_low | out.clip_high | out.dual
+        cov = selected & ~clipped if selected is not None else torch.zeros_like(mask)
+        events = torch.stack([mask, out.clip_low, out.clip_high, out.dual, cov])
+        counts = events.flatten(1).sum(-1, dtype=torch.float32)
         inf = torch.full((), math.inf, dtype=torch.float32, device=r.device)
         values = [
             torch.where(mask, r, 0.0).sum(),

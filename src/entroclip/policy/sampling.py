@@ -123,13 +123,10 @@ def sample(
     enc = {k: v.to(device) for k, v in enc.items()}
     was_training = model.training
     model.eval()
-    shared = SharedPrompts.of(prompts, device)
+    shared = SharedPrompts.of_rows(enc["input_ids"], enc["attention_mask"])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        # a sharded model's forward passes are collectives: every rank must make the same calls
-        cache = None
-        if shared is not None and enc["input_ids"].shape[1] >= 2 and not is_sharded(model):
-            prompt = enc["input_ids"].shape[1]
-            cache = prompt_prefix_cache(model, enc["input_ids"], enc["attention_mask"], prompt, shared)
+        prompt_len = enc["input_ids"].shape[1]
+        cache = prompt_prefix_cache(model, enc["input_ids"], enc["attention_mask"], prompt_len, shared)
         torch.manual_seed(seed)
         out = model.generate(
             **enc,
@@ -177,10 +174,16 @@ def _cache_argument(model: torch.nn.Module) -> str:
 
 
 def prompt_prefix_cache(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int, shared: SharedPrompts
-) -> DynamicCache:
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    prompt_len: int,
+    shared: SharedPrompts | None,
+) -> DynamicCache | None:
     """The KV cache of every row's prompt but its last token, computed once per distinct prompt and
     repeated to the rows that share it (a group's G copies); differentiable where gradients are on.
+    None where no row shares its prompt, the prompt is a single token, or the model is sharded (FSDP: its
+    forward passes are collectives that every rank must make alike).
 
     A forward pass that starts from this cache runs only the last prompt token and what follows: with
     groups of G, the prompt costs 1/G of what it did. The cache holds what one pass over all rows would:
@@ -191,6 +194,8 @@ def prompt_prefix_cache(
             columns (the rest, if any, is not read); shared: the rows' prompt sharing.
     Returns: a cache of ``B`` rows and ``prompt_len - 1`` positions.
     """
+    if shared is None or prompt_len < 2 or is_sharded(model):
+        return None
     ids = input_ids[shared.firsts, : prompt_len - 1]
     mask = attention_mask[shared.firsts, : prompt_len - 1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -213,16 +218,14 @@ def _response_forward(
     model: PreTrainedModel, rollout: Rollout, temperature: float, hidden: bool
 ) -> tuple[Tensor, Tensor | None]:
     """The forward pass over the rollout; rows that share a prompt share its pass over all but the last
-    prompt token (:func:`prompt_prefix_cache`), except on a sharded (FSDP) model."""
+    prompt token (:func:`prompt_prefix_cache`)."""
     positions = (rollout.attention_mask.cumsum(-1) - 1).clamp(min=0)
     length, t = rollout.input_ids.shape[1], rollout.response_mask.shape[1]
-    start, cache = 0, {}
-    if rollout.shared is not None and rollout.prompt_len >= 2 and not is_sharded(model):
-        start = rollout.prompt_len - 1
-        prefix = prompt_prefix_cache(
-            model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, rollout.shared
-        )
-        cache = {_cache_argument(model): prefix}
+    prefix = prompt_prefix_cache(
+        model, rollout.input_ids, rollout.attention_mask, rollout.prompt_len, rollout.shared
+    )
+    start = 0 if prefix is None else rollout.prompt_len - 1
+    cache = {} if prefix is None else {_cache_argument(model): prefix}
     # the positions that predict the response tokens; the logits come out contiguous, [B, T, V]
     predicting = torch.arange(length - t - 1 - start, length - 1 - start, device=rollout.input_ids.device)
     out = model(
