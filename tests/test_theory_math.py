@@ -13,7 +13,7 @@ import torch
 
 from entroclip.advantages import group_advantages
 from entroclip.entropy import entropy_sensitivity, token_entropy
-from entroclip.theory import softmax
+from entroclip.theory import compiling, softmax, updates
 from entroclip.theory.compiling import COMPILE_FROM, CompiledForLargeRuns
 from entroclip.theory.policies import initial_logits, temper_to_entropy
 from entroclip.theory.rewards import RandomReward
@@ -24,7 +24,15 @@ from entroclip.theory.theorems import (
     closed_form_step,
     entropy_directional_derivative,
 )
-from entroclip.theory.updates import NO_CLIP, ClipBounds, LabConfig, sample_batch, surrogate_weights
+from entroclip.theory.updates import (
+    NO_CLIP,
+    ClipBounds,
+    LabConfig,
+    ascend,
+    make_optimiser,
+    sample_batch,
+    surrogate_weights,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Softmax state
@@ -183,6 +191,36 @@ def test_dense_passes_run_eagerly_where_torch_compile_fails(gen, monkeypatch):
         total = dense_pass(COMPILE_FROM, logits, weights, torch.zeros(3, 1, 1, dtype=torch.float64))
     torch.testing.assert_close(total, logits.exp().sum(-1, keepdim=True))
     assert not dense_pass.compiles
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_adam_steps_are_torch_adam_on_the_logits(gen, monkeypatch, compiled):
+    """The lab's fused Adam pass against torch.optim.Adam on a leaf tensor of logits, whose gradient is
+    autograd's of -sum_i w_i log pi(a_i): repeated actions, two contexts, a row past REBASE."""
+    if compiled:
+        monkeypatch.setattr(compiling, "COMPILE_FROM", 1)
+    seeds, contexts_n, n = 4, 2, 30
+    logits = torch.randn(seeds, contexts_n, n, generator=gen, dtype=torch.float64)
+    logits[1, 0] += 40.0
+    state = SoftmaxState.from_logits(logits)
+    config = LabConfig(optimiser="adam", lr=0.05)
+    adam = make_optimiser(state, config)
+    reference = logits.clone().requires_grad_(True)
+    torch_adam = torch.optim.Adam([reference], lr=config.lr, foreach=False)
+    for _ in range(5):
+        contexts = torch.randint(contexts_n, (seeds, 6), generator=gen)
+        flat = contexts * n + torch.randint(4, (seeds, 6), generator=gen)
+        weights = torch.randn(seeds, 6, generator=gen, dtype=torch.float64)
+        ascend(state, contexts, flat, weights, config, adam)
+        torch_adam.zero_grad()
+        picked = reference.log_softmax(-1).view(seeds, -1).gather(1, flat)
+        (-(weights * picked).sum()).backward()
+        torch_adam.step()
+        torch.testing.assert_close(state.log_probs(), reference.detach().log_softmax(-1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(state.weights, state.logits.exp(), rtol=1e-15, atol=0)
+    assert state.log_norm.abs().max() <= softmax.REBASE
+    assert (adam.sparse_gradient == 0).all()
+    assert not compiled or updates._adam_pass.compiled is not None
 
 
 # ---------------------------------------------------------------------------------------------------------

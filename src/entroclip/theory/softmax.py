@@ -128,10 +128,13 @@ class SoftmaxState:
 
     def step_along_probs(self, coefficient: Tensor) -> None:
         """``logits += coefficient * pi`` (``coefficient`` ``[S, K]``) and :meth:`refresh`, in one pass."""
-        factor = coefficient.unsqueeze(-1) / self.normaliser
-        self._settle(
-            _step_pass(self.logits.numel(), self.logits, self._weights, factor, self._rebase_shift())
-        )
+        self.update_logits(_step_pass, coefficient.unsqueeze(-1) / self.normaliser)
+
+    def update_logits(self, step: CompiledForLargeRuns[..., Tensor], *args: Tensor | float) -> None:
+        """Change the logits with one dense pass ``step(logits, weights, *args, shift)`` that changes the
+        logits in place, subtracts ``shift`` ``[S, K, 1]`` (see :meth:`refresh`), writes exp(logits) into
+        the weights and returns their sums over actions ``[S, K, 1]``."""
+        self._settle(step(self.logits.numel(), self.logits, self._weights, *args, self._rebase_shift()))
 
     def _drifted(self) -> Tensor:
         """Rows whose finite log normaliser is past ``REBASE``, bool ``[S, K, 1]``: their logits are shifted

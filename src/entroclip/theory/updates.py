@@ -14,7 +14,7 @@ on the logits of context c are, with lr the learning rate:
 - ``npg``: lr * K * sum_i w_i e_{a_i} / pi_c(a_i), tabular natural policy gradient: for a softmax the
   Fisher matrix maps e_a / pi_a to e_a - pi, and the Fisher weight 1/K of a context (prompts are drawn
   uniformly) is divided out, so the step does not shrink with K (the paper's Theorem 2 has no d(s));
-- ``adam``: torch's Adam on the logits, with the gradient of the pg step.
+- ``adam``: Adam on the logits (torch.optim.Adam's update), with the gradient of the pg step.
 """
 
 from __future__ import annotations
@@ -216,12 +216,87 @@ def surrogate_weights(
     return _weights_pass(policy_size, logp_new, logp_old, advantages, *map(logp_new.new_tensor, bounds))
 
 
-def make_optimiser(policy: SoftmaxState, config: LabConfig) -> torch.optim.Adam | None:
+def _adam_and_exponentiate(
+    logits: Tensor,
+    weights: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    sparse_gradient: Tensor,
+    factor: Tensor,
+    step_size: Tensor,
+    root_correction: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    shift: Tensor,
+) -> Tensor:
+    """One Adam step on the logits along the gradient ``weights * factor + sparse_gradient``, with
+    torch.optim.Adam's arithmetic; then ``logits -= shift`` and ``weights = exp(logits)``. Returns the
+    weights' sums over actions ``[S, K, 1]``.
+
+    Args:
+        logits, weights, exp_avg, exp_avg_sq: ``[S, K, n]``, changed in place; sparse_gradient
+        ``[S, K, n]``; factor, shift ``[S, K, 1]``; step_size = lr / (1 - beta1^t) and root_correction =
+        sqrt(1 - beta2^t), 0-d tensors (one compiled graph serves every step t).
+    """
+    gradient = weights * factor + sparse_gradient
+    exp_avg.lerp_(gradient, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+    logits.sub_(step_size * exp_avg / (exp_avg_sq.sqrt() / root_correction + eps))
+    logits.sub_(shift)
+    return torch.exp(logits, out=weights).sum(-1, keepdim=True)
+
+
+_adam_pass = CompiledForLargeRuns(_adam_and_exponentiate)
+
+
+class LogitAdam:
+    """Adam on the logits of every seed (torch.optim.Adam's update: betas (0.9, 0.999), eps 1e-8, no weight
+    decay), fused with the refresh of the policy's weights into one pass over the logits per step.
+
+    The gradient of the negated objective on the logits of context c is pi_c sum_i w_i - sum_i w_i e_{a_i}
+    (the pg step's direction, negated); its sparse part is scattered into a buffer that is zero between
+    steps.
+    """
+
+    def __init__(self, policy: SoftmaxState, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        self.lr, self.betas, self.eps = lr, betas, 1e-8
+        self.exp_avg = torch.zeros_like(policy.logits)
+        self.exp_avg_sq = torch.zeros_like(policy.logits)
+        self.sparse_gradient = torch.zeros_like(policy.logits)
+        self.steps = 0
+
+    def step(
+        self, policy: SoftmaxState, flat_actions: Tensor, weights: Tensor, context_weight: Tensor
+    ) -> None:
+        """One step on sample weights ``weights`` at ``flat_actions`` (``[S, B]``), whose sums per context
+        are ``context_weight`` ``[S, K]``."""
+        seeds = policy.shape[0]
+        sparse = self.sparse_gradient.view(seeds, -1)
+        sparse.scatter_add_(1, flat_actions, -weights)
+        self.steps += 1
+        beta1, beta2 = self.betas
+        step_size = policy.logits.new_tensor(self.lr / (1 - beta1**self.steps))
+        root_correction = policy.logits.new_tensor(math.sqrt(1 - beta2**self.steps))
+        factor = context_weight.unsqueeze(-1) / policy.normaliser
+        policy.update_logits(
+            _adam_pass,
+            self.exp_avg,
+            self.exp_avg_sq,
+            self.sparse_gradient,
+            factor,
+            step_size,
+            root_correction,
+            beta1,
+            beta2,
+            self.eps,
+        )
+        sparse.scatter_(1, flat_actions, 0.0)
+
+
+def make_optimiser(policy: SoftmaxState, config: LabConfig) -> LogitAdam | None:
     """The Adam state that ``adam`` steps need (None for pg and npg); one per independent run."""
-    if config.optimiser != "adam":
-        return None
-    policy.logits.grad = torch.zeros_like(policy.logits)
-    return torch.optim.Adam([policy.logits], lr=config.lr, fused=True)
+    return LogitAdam(policy, config.lr) if config.optimiser == "adam" else None
 
 
 def ascend(
@@ -230,7 +305,7 @@ def ascend(
     flat_actions: Tensor,
     weights: Tensor,
     config: LabConfig,
-    adam: torch.optim.Adam | None = None,
+    adam: LogitAdam | None = None,
     lr: float | None = None,
     log_probs: Tensor | None = None,
 ) -> None:
@@ -253,14 +328,9 @@ def ascend(
         policy.logits.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, lr * weights)
         policy.step_along_probs(-lr * context_weight)
         return
-    grad = policy.logits.grad
-    if adam is None or grad is None:
+    if adam is None:
         raise ValueError("the adam optimiser needs its state: see make_optimiser")
-    # pi = weights / normaliser: the per-context factor takes the division, so pi is never formed
-    torch.mul(policy.weights, context_weight.unsqueeze(-1) / policy.normaliser, out=grad)
-    grad.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, -weights)
-    adam.step()
-    policy.refresh()
+    adam.step(policy, flat_actions, weights, context_weight)
 
 
 @dataclass(frozen=True)
@@ -284,7 +354,7 @@ def run_update(
     policy: SoftmaxState,
     batch: Batch,
     config: LabConfig,
-    adam: torch.optim.Adam | None = None,
+    adam: LogitAdam | None = None,
     observer: StepObserver | None = None,
 ) -> ClipFractions:
     """Apply one update (all passes and minibatches of ``batch``) to ``policy`` in place."""
