@@ -49,6 +49,8 @@ def test_commands_write_csv_and_png(tmp_path):
         assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG"), name
     assert len(list(csv.DictReader((tmp_path / "phase.csv").open()))) == 6
     assert len(list(csv.DictReader((tmp_path / "trajectory.csv").open()))) == 4
+    (balance,) = csv.DictReader((tmp_path / "balance.csv").open())
+    assert 0 < float(balance["eps_low_stderr"]) < 0.5 and 0 < float(balance["eps_low"]) < 1
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
 
 

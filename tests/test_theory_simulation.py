@@ -90,8 +90,23 @@ def test_balance_point_holds_entropy():
     assert drifts[0.2] < -3 * math.sqrt(2) * balance.check.stderr
 
 
+def test_balance_standard_error_matches_the_spread_of_independent_searches():
+    """Eight searches on independent batches: the spread of their roots against the standard error each
+    reports (delta method). With 8 roots the sample standard deviation is within [0.5, 2] of the true one
+    unless a 1-in-100 event happens; a standard error off by a factor of sqrt(2) or more shows."""
+    config = LabConfig(passes=2)
+    searches = [
+        balance_eps_low(LOGITS, config, 0.2, 2_000, torch.Generator().manual_seed(100 + i), tolerance=1e-3)
+        for i in range(8)
+    ]
+    roots = torch.tensor([b.eps_low for b in searches])
+    reported = math.sqrt(sum(b.eps_low_stderr**2 for b in searches) / len(searches))
+    assert 0.5 < roots.std().item() / reported < 2.0, (roots.tolist(), reported)
+    assert all(dict(b.evaluations)[b.eps_low] == pytest.approx(0.0, abs=1e-3) for b in searches)
+
+
 def test_balance_reports_a_missing_sign_change():
-    with pytest.raises(ValueError, match="does not change sign"):
+    with pytest.raises(ValueError, match=r"does not change sign.*highest -[0-9.e-]+ at eps_low=0\.5\b"):
         balance_eps_low(LOGITS, LabConfig(), 0.2, 200, torch.Generator().manual_seed(0), bracket=(0.5, 1.0))
 
 

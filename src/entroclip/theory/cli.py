@@ -559,7 +559,8 @@ def balance(
     config = options.config()
     generator = options.generator()
     logits = options.logits(generator)
-    per_search = scan_points + bisection_steps((0.0, 1.0 / (scan_points - 1)), tolerance) + 1
+    # the scan, the bisection, the root's per-seed drifts and the check on fresh seeds
+    per_search = scan_points + bisection_steps((0.0, 1.0 / (scan_points - 1)), tolerance) + 2
     results = []
     with lab_errors(), progress_bar("balance", per_search * len(eps_highs)) as advance:
         for high in eps_highs:
@@ -575,10 +576,12 @@ def balance(
                     progress=advance,
                 )
             )
-    rows = [[b.eps_high, b.eps_low, b.check.mean, b.check.stderr] for b in results]
+    rows = [[b.eps_high, b.eps_low, b.eps_low_stderr, b.check.mean, b.check.stderr] for b in results]
     if options.out is not None:
         plots.write_csv(
-            options.out / "balance.csv", ["eps_high", "eps_low", "check_drift", "check_stderr"], rows
+            options.out / "balance.csv",
+            ["eps_high", "eps_low", "eps_low_stderr", "check_drift", "check_stderr"],
+            rows,
         )
         plots.write_csv(
             options.out / "balance_search.csv",
@@ -590,8 +593,14 @@ def balance(
         print_json(
             {
                 "balance": [
-                    {"eps_high": h, "eps_low": low, "check_drift": drift, "check_stderr": se}
-                    for h, low, drift, se in rows
+                    {
+                        "eps_high": h,
+                        "eps_low": low,
+                        "eps_low_stderr": low_se,
+                        "check_drift": drift,
+                        "check_stderr": se,
+                    }
+                    for h, low, low_se, drift, se in rows
                 ],
                 "settings": options.settings(config),
             }
@@ -599,6 +608,6 @@ def balance(
         return
     for b in results:
         say(
-            f"eps_high={b.eps_high}: eps_low={b.eps_low:.4f} holds entropy; drift there on fresh seeds "
-            f"{_estimate(b.check)} nats per update"
+            f"eps_high={b.eps_high}: eps_low={b.eps_low:.4f} ± {1.96 * b.eps_low_stderr:.2g} (95%) holds "
+            f"entropy; drift there on fresh seeds {_estimate(b.check)} nats per update"
         )

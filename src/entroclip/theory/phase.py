@@ -78,13 +78,19 @@ def phase_diagram(
 class Balance:
     """The eps_low at which one update leaves the expected entropy unchanged, for a given eps_high.
 
-    ``evaluations``: (eps_low, mean drift) pairs of the scan and the bisection, sorted by eps_low, all on
-    one set of batches; ``check``: the drift at ``eps_low`` on fresh, independent batches (its mean should
-    be zero within its standard error, plus the search's own error).
+    ``evaluations``: (eps_low, mean drift) pairs of the scan, the bisection and the root, sorted by
+    eps_low, all on one set of batches; ``check``: the drift at ``eps_low`` on fresh, independent batches
+    (its mean should be zero within its standard error, plus the search's own error).
+
+    ``eps_low_stderr``: standard error of ``eps_low`` from the sampling noise of the search batches (delta
+    method): the standard error of the mean drift at ``eps_low`` over the drift's slope there, taken as
+    the secant over the scan interval that brackets the root. The bisection's tolerance adds at most half
+    of itself.
     """
 
     eps_high: float | None
     eps_low: float
+    eps_low_stderr: float
     evaluations: list[tuple[float, float]]
     check: Estimate
 
@@ -101,7 +107,8 @@ def balance_eps_low(
     tolerance: float = 1e-3,
     progress: Progress | None = None,
 ) -> Balance:
-    """The largest eps_low in ``bracket`` where the drift crosses zero (one progress unit per update run).
+    """The largest eps_low in ``bracket`` where the drift crosses zero, with its standard error (one
+    progress unit per update run).
 
     The drift is scanned at ``scan_points`` values from the top of the bracket down (eps_low = 1 never
     clips: ratios stay > 0; lowering it clips more negative-advantage samples), and the first sign change
@@ -136,11 +143,15 @@ def balance_eps_low(
     ]
     crossings = [(a, b) for a, b in pairwise(scan) if (a[1] > 0) != (b[1] > 0)]
     if not crossings:
+        top_low, top = max(scan, key=lambda point: point[1])
         raise ValueError(
             f"the drift does not change sign for eps_low in [{low}, {high}] at eps_high={eps_high}: "
-            f"from {scan[0][1]:+.3g} to {scan[-1][1]:+.3g} nats per update over {scan_points} points"
+            f"from {scan[0][1]:+.3g} to {scan[-1][1]:+.3g} nats per update over {scan_points} points, "
+            f"highest {top:+.3g} at eps_low={top_low:.3g} (a narrow stretch of positive drift may show with "
+            "more scan points or seeds)"
         )
-    (upper, at_upper), (lower, _) = crossings[0]
+    (upper, at_upper), (lower, at_lower) = crossings[0]
+    slope = (at_upper - at_lower) / (upper - lower)
     for _ in range(bisection_steps((lower, upper), tolerance)):
         middle = (lower + upper) / 2
         at_middle = search_drift(middle)
@@ -149,8 +160,11 @@ def balance_eps_low(
         else:
             lower = middle
     root = (lower + upper) / 2
+    at_root = drift_at(root, search)
+    evaluations.append((root, at_root.mean().item()))
+    root_stderr = Estimate.from_samples(at_root).stderr / abs(slope)
     check = drift_at(root, sample_batch(start, config, generator))
-    return Balance(eps_high, root, sorted(evaluations), Estimate.from_samples(check))
+    return Balance(eps_high, root, root_stderr, sorted(evaluations), Estimate.from_samples(check))
 
 
 def bisection_steps(bracket: tuple[float, float], tolerance: float) -> int:

@@ -113,7 +113,8 @@ def phase_figure(diagram: PhaseDiagram, title: str) -> Figure:
 
 
 def balance_figure(balances: Sequence[Balance], title: str) -> Figure:
-    """Drift against eps_low for each eps_high, with the balance point and its independent check."""
+    """Drift against eps_low for each eps_high, with the balance point (95% interval) and its independent
+    check (95% interval)."""
     figure = Figure(figsize=(6.5, 4))
     axes = figure.subplots()
     for balance in balances:
@@ -122,6 +123,7 @@ def balance_figure(balances: Sequence[Balance], title: str) -> Figure:
         axes.errorbar(
             [balance.eps_low],
             [balance.check.mean],
+            xerr=[1.96 * balance.eps_low_stderr],
             yerr=[1.96 * balance.check.stderr],
             marker="o",
             color=line.get_color(),
