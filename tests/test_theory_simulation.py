@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from entroclip.theory.phase import balance_eps_low, phase_diagram
+from entroclip.theory.phase import balance_eps_low, largest_crossing, phase_diagram, search_runs
 from entroclip.theory.policies import initial_logits
 from entroclip.theory.simulation import estimate_drift, simulate_trajectory
 from entroclip.theory.updates import NO_CLIP, ClipBounds, LabConfig
@@ -103,6 +103,33 @@ def test_balance_standard_error_matches_the_spread_of_independent_searches():
     reported = math.sqrt(sum(b.eps_low_stderr**2 for b in searches) / len(searches))
     assert 0.5 < roots.std().item() / reported < 2.0, (roots.tolist(), reported)
     assert all(dict(b.evaluations)[b.eps_low] == pytest.approx(0.0, abs=1e-3) for b in searches)
+
+
+@pytest.mark.parametrize(
+    ("drift", "root", "slope"),
+    [
+        (lambda x: 0.3 - x, 0.3, -1.0),
+        # positive only on (0.134, 0.166), between two scan points: the peak search finds it
+        (lambda x: 0.01 - 40 * (x - 0.15) ** 2, 0.15 + math.sqrt(0.01 / 40), None),
+    ],
+    ids=["monotone", "hidden-peak"],
+)
+def test_largest_crossing_of_known_functions(drift, root, slope):
+    calls = []
+
+    def counted(x):
+        calls.append(x)
+        return drift(x)
+
+    crossing = largest_crossing(counted, tolerance=1e-4)
+    assert crossing.root == pytest.approx(root, abs=1e-4)
+    assert crossing.slope < 0 and (slope is None or crossing.slope == pytest.approx(slope))
+    assert len(calls) <= search_runs(11, 1e-4)
+
+
+def test_largest_crossing_reports_the_highest_value_when_there_is_none():
+    with pytest.raises(ValueError, match=r"does not change sign .* highest -0\.2 at eps_low=0\.2"):
+        largest_crossing(lambda x: -0.2 - 10 * (x - 0.2) ** 2)
 
 
 def test_balance_reports_a_missing_sign_change():

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from entroclip.theory import plots
-from entroclip.theory.phase import balance_eps_low, bisection_steps, phase_diagram
+from entroclip.theory.phase import balance_eps_low, phase_diagram, search_runs
 from entroclip.theory.policies import initial_logits
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.simulation import (
@@ -559,8 +559,7 @@ def balance(
     config = options.config()
     generator = options.generator()
     logits = options.logits(generator)
-    # the scan, the bisection, the root's per-seed drifts and the check on fresh seeds
-    per_search = scan_points + bisection_steps((0.0, 1.0 / (scan_points - 1)), tolerance) + 2
+    per_search = search_runs(scan_points, tolerance) + 2  # and the root's drifts, the check
     results = []
     with lab_errors(), progress_bar("balance", per_search * len(eps_highs)) as advance:
         for high in eps_highs:
