@@ -75,7 +75,10 @@ def test_refresh_and_sparse_updates_keep_the_state_exact(gen):
     reference = SoftmaxState.from_logits(expected)
     torch.testing.assert_close(state.logits, expected, rtol=0, atol=0)
     torch.testing.assert_close(state.log_norm, reference.log_norm, rtol=0, atol=1e-13)
+    assert state.norm_error.all()  # the sparse sums' rounding bound, until the entropy's pass resums
     torch.testing.assert_close(state.entropy(), reference.entropy(), rtol=0, atol=1e-12)
+    assert not state.norm_error.any()
+    torch.testing.assert_close(state.log_norm, reference.log_norm, rtol=0, atol=1e-15)
     # the sparse path sums densely, the reference takes the dense pass's sums: both against the definition
     exact = -(expected.softmax(-1) * expected.log_softmax(-1)).sum(-1)
     for entropy in (state.entropy(), reference.entropy()):

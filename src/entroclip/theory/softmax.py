@@ -36,14 +36,14 @@ def _step_and_exponentiate(logits: Tensor, weights: Tensor, factor: Tensor, shif
     return _shift_and_exponentiate(logits, weights, shift)
 
 
-def _weighted_logits(weights: Tensor, logits: Tensor) -> Tensor:
-    """sum_a weights_a * logits_a per row, ``[S, K, 1]``."""
-    return (weights * logits).sum(-1, keepdim=True)
+def _sums_for_entropy(weights: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_a weights_a and sum_a weights_a * logits_a per row, each ``[S, K, 1]``, in one pass."""
+    return weights.sum(-1, keepdim=True), (weights * logits).sum(-1, keepdim=True)
 
 
 _shift_pass = CompiledForLargeRuns(_shift_and_exponentiate)
 _step_pass = CompiledForLargeRuns(_step_and_exponentiate)
-_weighted_pass = CompiledForLargeRuns(_weighted_logits)
+_entropy_pass = CompiledForLargeRuns(_sums_for_entropy)
 
 
 class SoftmaxState:
@@ -232,10 +232,14 @@ class SoftmaxState:
 
     def entropy(self) -> Tensor:
         """H = -sum_a pi_a log pi_a per seed and context, ``[S, K]`` (nats): one pass over the weights and
-        logits, kept until the policy changes."""
+        logits, kept until the policy changes. The same pass sums the weights again where sparse changes
+        left rounding in the normaliser."""
         # sum_a pi_a log pi_a = sum_a w_a logits_a / Z - log_norm, as the probabilities sum to 1
         if self._weighted is None:
-            self._weighted = _weighted_pass(self.logits.numel(), self.weights, self.logits)
+            total, self._weighted = _entropy_pass(self.logits.numel(), self._weights, self.logits)
+            if bool(self.norm_error.any()):
+                self.log_norm = total.log_()
+                self.norm_error.zero_()
         return (self.log_norm - self._weighted / self.normaliser).squeeze(-1)
 
     def sample(self, draws: int, generator: torch.Generator) -> Tensor:
@@ -246,7 +250,7 @@ class SoftmaxState:
         weight 0 is never drawn: its running sum equals its predecessor's.
         """
         seeds, contexts_n, n = self.shape
-        weights = self.weights.view(seeds * contexts_n, n)
+        weights = self._weights.view(seeds * contexts_n, n)  # exact: the running sums need no normaliser
         if self._cumulative is None or self._cumulative.shape != weights.shape:
             self._cumulative = torch.empty(weights.shape, dtype=torch.float64)
         # summed into the buffer; float32 weights are widened by a copy first, as cumsum(dtype=float64)
