@@ -251,16 +251,18 @@ _adam_pass = CompiledForLargeRuns(_adam_and_exponentiate)
 
 
 class LogitAdam:
-    """Adam on the logits of every seed (torch.optim.Adam's update: betas (0.9, 0.999), eps 1e-8, no weight
-    decay), fused with the refresh of the policy's weights into one pass over the logits per step.
+    """Adam on the logits of every seed (torch.optim.Adam's update; by default betas (0.9, 0.999), eps
+    1e-8; no weight decay), fused with the refresh of the policy's weights into one pass per step.
 
     The gradient of the negated objective on the logits of context c is pi_c sum_i w_i - sum_i w_i e_{a_i}
     (the pg step's direction, negated); its sparse part is scattered into a buffer that is zero between
     steps.
     """
 
-    def __init__(self, policy: SoftmaxState, lr: float, betas: tuple[float, float] = (0.9, 0.999)) -> None:
-        self.lr, self.betas, self.eps = lr, betas, 1e-8
+    def __init__(
+        self, policy: SoftmaxState, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        self.lr, self.betas, self.eps = lr, betas, eps
         self.exp_avg = torch.zeros_like(policy.logits)
         self.exp_avg_sq = torch.zeros_like(policy.logits)
         self.sparse_gradient = torch.zeros_like(policy.logits)
