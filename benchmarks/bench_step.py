@@ -335,12 +335,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", type=Path)
+    parser = harness.command_line(__doc__)
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -355,11 +350,7 @@ def main() -> None:
             out = child_entroclip(args.steps, args.threads, lean, compiled)
         harness.write_json_atomic(args.child_json, out)
         return
-    out = run(args.quick, args.threads)
-    if args.json is not None:
-        harness.write_json_atomic(args.json, out)
-    else:
-        print(json.dumps(out, indent=1))
+    harness.emit(run(args.quick, args.threads), args.json)
 
 
 if __name__ == "__main__":

@@ -259,17 +259,27 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def main_for(name: str, run: Callable[[bool, int], dict[str, Any]], doc: str | None) -> None:
-    """Command line of one benchmark module run on its own."""
+def command_line(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark module takes when run on its own (``--quick``, ``--threads``,
+    ``--json``); a module adds its hidden child-process options to it."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (few repetitions)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--json", type=Path, help="write the result here (JSON)")
-    args = parser.parse_args()
-    pin_threads(args.threads)
-    out = run(args.quick, args.threads)
-    if args.json is not None:
-        write_json_atomic(args.json, out)
+    return parser
+
+
+def emit(out: dict[str, Any], path: Path | None) -> None:
+    """Write a result to ``path`` (atomically), or print it as JSON where there is none."""
+    if path is not None:
+        write_json_atomic(path, out)
     else:
         json.dump(out, sys.stdout, indent=1)
         print()
+
+
+def main_for(name: str, run: Callable[[bool, int], dict[str, Any]], doc: str | None) -> None:
+    """Command line of one benchmark module run on its own."""
+    args = command_line(doc).parse_args()
+    pin_threads(args.threads)
+    emit(run(args.quick, args.threads), args.json)
