@@ -12,10 +12,6 @@ the largest token count that fits and its memory at 8,192 tokens is extrapolated
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -126,16 +122,6 @@ def child_timing(tokens: int, chunks: list[int], naive: bool, reps: int, threads
     return out
 
 
-def run_child(args: list[str], timeout: float = 3600) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "out.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-json", str(path), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return json.loads(path.read_text())
-
-
 # ----- the benchmark -----------------------------------------------------------------------------------
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
@@ -150,7 +136,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     notes: list[str] = []
 
     # naive memory per token, from a small run; then the largest token count whose plan fits
-    probe = run_child(["--memory", "naive", "--tokens", str(probe_tokens), *common])
+    probe = harness.run_child(__file__, ["--memory", "naive", "--tokens", str(probe_tokens), *common])
     naive_per_token = probe["extra_bytes"] / probe_tokens
     input_per_token = 4 * VOCAB
     available = harness.mem_available()
@@ -171,19 +157,22 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
 
     # memory: one fresh process per method and chunk size
     memory: dict[tuple[str, int], dict[str, Any]] = {}
-    memory[("naive", naive_tokens)] = run_child(["--memory", "naive", "--tokens", str(naive_tokens), *common])
+    memory[("naive", naive_tokens)] = harness.run_child(
+        __file__, ["--memory", "naive", "--tokens", str(naive_tokens), *common]
+    )
     for c in chunks:
-        memory[(key(c), naive_tokens)] = run_child(
-            ["--memory", "chunked", "--chunk", str(c), "--tokens", str(naive_tokens), *common]
+        memory[(key(c), naive_tokens)] = harness.run_child(
+            __file__, ["--memory", "chunked", "--chunk", str(c), "--tokens", str(naive_tokens), *common]
         )
     if naive_tokens < target:
         for c in chunks:
-            memory[(key(c), target)] = run_child(
-                ["--memory", "chunked", "--chunk", str(c), "--tokens", str(target), *common]
+            memory[(key(c), target)] = harness.run_child(
+                __file__, ["--memory", "chunked", "--chunk", str(c), "--tokens", str(target), *common]
             )
 
     # time: interleaved in one process per token count
-    timing = run_child(
+    timing = harness.run_child(
+        __file__,
         [
             "--timing",
             "--tokens",
@@ -193,11 +182,12 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
             "--reps",
             str(reps),
             *common,
-        ]
+        ],
     )
     timing_target = None
     if naive_tokens < target:
-        timing_target = run_child(
+        timing_target = harness.run_child(
+            __file__,
             [
                 "--timing",
                 "--no-naive",
@@ -210,7 +200,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
                 "--reps",
                 str(max(reps - 2, 2)),
                 *common,
-            ]
+            ],
         )
 
     naive_extra = memory[("naive", naive_tokens)]["extra_bytes"]

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import json
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -177,16 +174,6 @@ def child_trl(steps: int, threads: int, checkpointing: bool, compiled: bool = Fa
     return {"times": [b - a for a, b in itertools.pairwise(ends)], "collect": collect}
 
 
-def run_child(args: list[str], timeout: float = 3600) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "out.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-json", str(path), *args]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(path.read_text())
-
-
 # ----- the benchmark -----------------------------------------------------------------------------------
 def run(quick: bool, threads: int) -> dict[str, Any]:
     # steps per process; the first WARMUP are not timed (compilation: the first step compiles the update and
@@ -206,7 +193,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
                 continue
             args = ["--side", side, "--steps", str(steps), "--threads", str(threads)]
             try:
-                out = run_child(args)
+                out = harness.run_child(__file__, args)
             except RuntimeError as err:  # TRL with torch_compile is an extra row: report, do not stop
                 if side != "trl-compile":
                     raise

@@ -22,7 +22,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -257,6 +259,18 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def run_child(script: str, args: list[str], timeout: float = 3600) -> dict[str, Any]:
+    """Run ``script`` (a benchmark module's ``__file__``) in a fresh process with ``--child-json PATH``
+    and ``args``; returns the JSON it wrote. RuntimeError with the end of its stderr when it fails."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "out.json"
+        cmd = [sys.executable, str(Path(script).resolve()), "--child-json", str(path), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"child {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(path.read_text())
 
 
 def command_line(doc: str | None) -> argparse.ArgumentParser:
