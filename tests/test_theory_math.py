@@ -25,6 +25,7 @@ from entroclip.theory.theorems import (
     entropy_directional_derivative,
 )
 from entroclip.theory.updates import (
+    DEFAULT_LR,
     NO_CLIP,
     ClipBounds,
     LabConfig,
@@ -224,6 +225,33 @@ def test_adam_steps_are_torch_adam_on_the_logits(gen, monkeypatch, compiled):
     assert state.log_norm.abs().max() <= softmax.REBASE
     assert (adam.sparse_gradient == 0).all()
     assert not compiled or updates._adam_pass.compiled is not None
+
+
+@pytest.mark.parametrize("optimiser", ["pg", "adam"])
+def test_a_step_at_the_sampling_policy_moves_only_the_sampled_logits(gen, optimiser):
+    """At the policy that drew the samples every ratio is 1 and the weights A_i / B sum to zero in each
+    group, so the gradient has no part along pi: the logits of actions nobody sampled stay bitwise the
+    same (summing the float32 weights instead would move every logit by their rounding, ~1e-8 pi, which
+    Adam's first step blows up to about lr * 1e-3). Later steps, at a moved policy, move every logit."""
+    config = LabConfig(optimiser=optimiser, lr=DEFAULT_LR[optimiser], minibatches=2, prompts=4)
+    logits = initial_logits("zipf", 50, 3, 1.5, dtype=torch.float64)
+    state = SoftmaxState.from_logits(logits.expand(200, -1, -1))
+    batch = sample_batch(state, config, gen)
+    adam = make_optimiser(state, config)
+    before = state.logits.clone()
+    first, second = list(batch.minibatches(config.minibatches))
+    for minibatch, moved_alone in ((first, True), (second, False)):
+        untouched = torch.ones(200, 3 * 50, dtype=torch.bool).scatter_(1, minibatch.flat_actions, False)
+        logp_new = state.log_probs_at(minibatch.flat_actions, minibatch.contexts)
+        weights, _ = surrogate_weights(logp_new, minibatch.logp_old, minibatch.advantages, config.clip)
+        unmoved = torch.equal(logp_new, minibatch.logp_old)
+        assert unmoved == moved_alone
+        ascend(state, minibatch.contexts, minibatch.flat_actions, weights, config, adam, unmoved=unmoved)
+        changed = state.logits.view(200, -1) != before.view(200, -1)
+        assert changed[untouched].any() != moved_alone
+        before = state.logits.clone()
+    reference = SoftmaxState.from_logits(state.logits)
+    torch.testing.assert_close(state.log_norm, reference.log_norm, rtol=0, atol=1e-13)
 
 
 # ---------------------------------------------------------------------------------------------------------

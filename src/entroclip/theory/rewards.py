@@ -25,7 +25,8 @@ REWARD_KINDS: tuple[str, ...] = get_args(RewardKind)
 class RandomReward:
     """Rewards that ignore the action: Bernoulli(``success_prob``) or standard Gaussian.
 
-    ``advantage`` names the group-relative estimator applied to each group of rewards.
+    ``advantage`` names the group-relative estimator applied to each group of rewards. Every one of them
+    subtracts the group mean, so a group's advantages sum to zero (``updates.ascend`` relies on it).
     """
 
     kind: RewardKind = "bernoulli"

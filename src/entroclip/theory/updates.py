@@ -310,12 +310,17 @@ def ascend(
     adam: LogitAdam | None = None,
     lr: float | None = None,
     log_probs: Tensor | None = None,
+    unmoved: bool = False,
 ) -> None:
     """Take one optimiser step on sample weights ``weights`` ``[S, B]`` (npg touches only the sampled logits).
 
     ``lr`` overrides ``config.lr`` for pg and npg, whose steps are linear in it (a negative value steps
     backwards); Adam keeps the rate it was built with. ``log_probs``: log pi of the samples ``[S, B]`` at
-    the current policies, where the caller has them (npg divides by pi).
+    the current policies, where the caller has them (npg divides by pi). ``unmoved``: every sample's ratio
+    is exactly 1 (the policies still are the ones that drew the samples). The weights A_i / B then sum to
+    zero in every context, as the advantages do in every group, and the gradient's part along pi is taken
+    as exactly zero, not as the float32 rounding of that sum: pg makes a sparse step, and Adam does not
+    amplify the rounding into a step on every logit.
     """
     seeds, contexts_n, n = policy.shape
     lr = config.lr if lr is None else lr
@@ -325,7 +330,12 @@ def ascend(
         natural = torch.where(weights != 0, weights / probs, 0.0)
         policy.add_at(flat_actions, contexts, (lr * contexts_n) * natural)
         return
-    context_weight = policy.logits.new_zeros(seeds, contexts_n).scatter_add_(1, contexts, weights)
+    if config.optimiser == "pg" and unmoved:
+        policy.add_at(flat_actions, contexts, lr * weights)
+        return
+    context_weight = policy.logits.new_zeros(seeds, contexts_n)
+    if not unmoved:
+        context_weight.scatter_add_(1, contexts, weights)
     if config.optimiser == "pg":
         policy.logits.view(seeds, contexts_n * n).scatter_add_(1, flat_actions, lr * weights)
         policy.step_along_probs(-lr * context_weight)
@@ -368,7 +378,17 @@ def run_update(
         )
         if observer is not None:
             observer.before_step(policy)
-        ascend(policy, minibatch.contexts, minibatch.flat_actions, weights, config, adam, log_probs=logp_new)
+        unmoved = torch.equal(logp_new, minibatch.logp_old)
+        ascend(
+            policy,
+            minibatch.contexts,
+            minibatch.flat_actions,
+            weights,
+            config,
+            adam,
+            log_probs=logp_new,
+            unmoved=unmoved,
+        )
         if observer is not None:
             observer.after_step(policy)
         fractions.append(clipped)
