@@ -232,8 +232,8 @@ def test_a_step_at_the_sampling_policy_moves_only_the_sampled_logits(gen, optimi
     """At the policy that drew the samples every ratio is 1 and the weights A_i / B sum to zero in each
     group, so the gradient has no part along pi: the logits of actions nobody sampled stay bitwise the
     same (summing the float32 weights instead would move every logit by their rounding, ~1e-8 pi, which
-    Adam's first step blows up to up to lr / 5 on likely actions). Later steps, at a moved policy, move
-    every logit."""
+    Adam's first step turned into steps of up to lr / 5 on likely actions). Later steps, at a moved
+    policy, move every logit."""
     config = LabConfig(optimiser=optimiser, lr=DEFAULT_LR[optimiser], minibatches=2, prompts=4)
     logits = initial_logits("zipf", 50, 3, 1.5, dtype=torch.float64)
     state = SoftmaxState.from_logits(logits.expand(200, -1, -1))
