@@ -34,6 +34,7 @@ from entroclip.theory.simulation import (
     estimate_drift,
     simulate_trajectory,
 )
+from entroclip.theory.theorems import ConditionTally
 from entroclip.theory.updates import DEFAULT_LR, ClipBounds, LabConfig
 
 app = typer.Typer(
@@ -322,6 +323,12 @@ def _estimate(estimate: Estimate | None) -> str:
     return "n/a" if estimate is None else f"{estimate.mean:+.4g} ± {1.96 * estimate.stderr:.2g}"
 
 
+def _tally(tally: ConditionTally, cases: str) -> str:
+    if not tally.total:
+        return f"no {cases} cases"
+    return f"held in {tally.fraction:.3f} of {tally.total} {cases} cases"
+
+
 def _title(config: LabConfig, options: LabOptions) -> str:
     return (
         f"{config.optimiser} lr={config.lr:g}, mu={config.passes}, {config.minibatches} minibatches, "
@@ -436,8 +443,7 @@ def trajectory(
     )
     if signs is not None:
         say(
-            f"Ineq. 7 held in {signs.low.fraction:.3f} of {signs.low.total} clip-low cases and "
-            f"{signs.high.fraction:.3f} of {signs.high.total} clip-high cases "
+            f"Ineq. 7: {_tally(signs.low, 'clip-low')}; {_tally(signs.high, 'clip-high')} "
             f"(inner steps x contexts of the first {min(theory_seeds, options.seeds)} seeds)"
         )
     if example is not None:
