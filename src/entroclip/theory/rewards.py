@@ -65,9 +65,9 @@ class RandomReward:
         table the core's estimator gives for each k (a success's in column 0, a failure's in column G - 1).
         """
         table = self._bernoulli_table(successes.shape[-1], dtype)
-        # a failure's and a success's advantage in the group with k successes, at 2 k and 2 k + 1
-        pairs = torch.stack([table[:, -1], table[:, 0]], -1).view(-1)
-        return pairs.take(successes.sum(-1, keepdim=True) * 2 + successes)
+        counts = successes.sum(-1, keepdim=True)
+        # in the table's row k, a success's advantage is in column 0 and a failure's in column G - 1
+        return torch.where(successes, table[:, 0][counts], table[:, -1][counts])
 
     def positive_part_mean(self, group_size: int) -> float:
         """E[max(A, 0)] of one advantage in a group of ``group_size`` (= E[max(-A, 0)], as E[A] = 0)."""
