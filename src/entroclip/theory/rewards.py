@@ -66,7 +66,6 @@ class RandomReward:
         """
         table = self._bernoulli_table(successes.shape[-1], dtype)
         counts = successes.sum(-1, keepdim=True)
-        # in the table's row k, a success's advantage is in column 0 and a failure's in column G - 1
         return torch.where(successes, table[:, 0][counts], table[:, -1][counts])
 
     def positive_part_mean(self, group_size: int) -> float:
