@@ -29,7 +29,7 @@ for bounds in "0.05 0.2" "0.1 0.2" "0.2 0.2" "0.3 0.2" "0.05 0.28" "0.1 0.28" "0
   for optimiser in pg adam; do
     "$ENTROCLIP" theory drift --eps-low "$low" --eps-high "$high" --optimiser "$optimiser" --n 16 \
       --entropy 0.67 --advantage drgrpo --prompts 16 --group-size 8 --mu 4 --minibatches 4 \
-      --seeds 5000 --json >> runs/study/random/theory.jsonl
+      --seeds 20000 --json >> runs/study/random/theory.jsonl
   done
 done
 cp runs/study/random/theory.jsonl docs/results/random/
