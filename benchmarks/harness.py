@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -53,6 +54,18 @@ def median(values: list[float]) -> float:
 def spread(values: list[float]) -> str:
     """``median [min-max]`` of a list of seconds, in milliseconds."""
     return f"{1e3 * median(values):.1f} [{1e3 * min(values):.1f}-{1e3 * max(values):.1f}]"
+
+
+def paired_ratio(
+    times: list[float], baseline: list[float], resamples: int = 4000
+) -> tuple[float, float, float]:
+    """Median over rounds of ``times[i] / baseline[i]`` (two functions timed in the same rounds of
+    :func:`interleaved`, so that slow stretches of a shared machine hit both), with a 95% percentile
+    bootstrap interval over the rounds (seeded: the same data give the same interval)."""
+    ratios = [a / b for a, b in zip(times, baseline, strict=True)]
+    draw = random.Random(0)
+    medians = sorted(median(draw.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return median(ratios), medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def time_call(fn: Callable[[], Any]) -> float:
