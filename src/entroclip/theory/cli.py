@@ -24,7 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from entroclip.theory import plots
-from entroclip.theory.phase import balance_eps_low, phase_diagram, search_runs
+from entroclip.theory.phase import balance_eps_low, balance_runs, phase_diagram
 from entroclip.theory.policies import initial_logits
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.simulation import (
@@ -565,7 +565,7 @@ def balance(
     config = options.config()
     generator = options.generator()
     logits = options.logits(generator)
-    per_search = search_runs(scan_points, tolerance) + 2  # and the root's drifts, the check
+    per_search = balance_runs(scan_points, tolerance)
     results = []
     with lab_errors(), progress_bar("balance", per_search * len(eps_highs)) as advance:
         for high in eps_highs:

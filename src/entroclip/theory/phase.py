@@ -189,6 +189,12 @@ def search_runs(scan_points: int, tolerance: float, bracket: tuple[float, float]
     return scan_points + PEAK_STEPS + bisection_steps((0.0, spacing), tolerance)
 
 
+def balance_runs(scan_points: int, tolerance: float, bracket: tuple[float, float] = (0.0, 1.0)) -> int:
+    """Update runs (progress units) of :func:`balance_eps_low`: the search's, the root's on the search
+    batches and the check on fresh ones."""
+    return search_runs(scan_points, tolerance, bracket) + 2
+
+
 def balance_eps_low(
     logits: Tensor,
     config: LabConfig,
@@ -203,7 +209,7 @@ def balance_eps_low(
 ) -> Balance:
     """The largest eps_low in ``bracket`` where the drift of one update from ``logits`` crosses zero
     (:func:`largest_crossing` on one set of batches), with its standard error, and a check on fresh
-    batches. One progress unit per update run; ``search_runs(scan_points, tolerance) + 2`` in all.
+    batches. One progress unit per update run, :func:`balance_runs` in all.
 
     The drift need not be monotone in eps_low: eps_low = 1 never clips (ratios stay > 0) and lowering it
     clips more negative-advantage samples, but near 0 clip-low also stops the push-down of frequent
