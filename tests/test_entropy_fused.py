@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from entroclip import entropy
+from entroclip import compiling, entropy
 from entroclip.entropy import (
     CHUNK_LOGITS_CPU,
     chunk_rows,
@@ -220,3 +220,90 @@ def test_compiled_pass_takes_one_chunk_and_matches_float64(gen, monkeypatch):
     (expected,) = torch.autograd.grad(reference_loss, x64)
     assert max(max_errors(got, reference)) < 1e-5
     torch.testing.assert_close(grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def compile_everything(monkeypatch):
+    """Every eager ``token_stats`` call with ``chunk_size=None`` on a CPU takes the compiled pass (a graph
+    per vocabulary size, dtype and set of statistics: more than dynamo's default limit here)."""
+    monkeypatch.setattr(compiling, "COMPILE_FROM", 1)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        yield
+
+
+@pytest.mark.parametrize(
+    ("shape", "scale", "temperature"),
+    [((5, 7, 300), 3.0, 1.0), ((33, 50), 2.0, 0.6), ((4, 1), 1.0, 1.0), ((3, 1000), 10.0, 1.7)],
+)
+def test_compiled_pass_matches_float64(gen, compile_everything, shape, scale, temperature):
+    """Vocabularies below, at and past the summation block (128), a 1-word one, peaked rows."""
+    logits = scale * torch.randn(*shape, generator=gen)
+    tokens = torch.randint(0, shape[-1], shape[:-1], generator=gen)
+    for requested in ({"kappa": True}, {"entropy": True}, {"entropy": False}):
+        got = token_stats(logits, tokens, temperature, **requested)
+        reference = reference64(logits, tokens, temperature)
+        errors = max_errors(
+            [t for t in got if t is not None], reference[: 1 + sum(t is not None for t in got[1:])]
+        )
+        assert max(errors) < 1e-5, (requested, errors)
+    assert entropy._fused_pass.compiled is not None
+
+
+def test_compiled_pass_sums_a_large_vocabulary_exactly(gen, compile_everything):
+    """At V = 151,936 a compiled sum over a whole row loses 1e-5 nats in H and kappa (each vector lane
+    adds ~19,000 terms); the blocked sums keep eager's float32 accuracy (~1e-6)."""
+    logits = 3 * torch.randn(48, 151_936, generator=gen)
+    tokens = torch.randint(0, 151_936, (48,), generator=gen)
+    got = token_stats(logits, tokens, kappa=True)
+    errors = max_errors(got, reference64(logits, tokens))
+    assert max(errors) < 5e-6, errors
+
+
+def test_compiled_pass_keeps_infinities_nans_and_gradients(gen, compile_everything):
+    logits = 2 * torch.randn(6, 200, generator=gen)
+    logits[0, :150] = -math.inf
+    logits[1, 7] = float("nan")
+    tokens = torch.randint(150, 200, (6,), generator=gen)
+    tokens[2] = 0
+    logits[2, 0] = -math.inf
+    x = logits.clone().requires_grad_(True)
+    got = token_stats(x, tokens, kappa=True)
+    assert all(t[1].isnan() for t in got) and got.logp[2] == -math.inf
+    rows = [0, 3, 4, 5]
+    reference = reference64(logits[rows], tokens[rows])
+    assert max(max_errors([t[rows] for t in got], reference)) < 1e-5
+    assert torch.isfinite(got.kappa[2]) and torch.isfinite(got.entropy[2])
+    weights = torch.randn(2, 6, generator=gen)
+    (grad,) = torch.autograd.grad((weights[0] * got.logp)[3:].sum() + (weights[1] * got.entropy)[:1].sum(), x)
+    assert (grad[0, :150] == 0).all() and torch.isfinite(grad[0]).all()
+    x64 = logits[3:].double().requires_grad_(True)
+    (expected,) = torch.autograd.grad((weights[0, 3:] * reference64(x64, tokens[3:])[0]).sum(), x64)
+    torch.testing.assert_close(grad[3:].double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_pass_takes_bf16(gen, compile_everything):
+    logits = (4 * torch.randn(6, 3000, generator=gen)).to(torch.bfloat16)
+    tokens = torch.randint(0, 3000, (6,), generator=gen)
+    errors = max_errors(token_stats(logits, tokens, kappa=True), reference64(logits, tokens))
+    assert max(errors) < 1e-5, errors
+
+
+def test_chunks_where_asked_or_where_torch_compile_fails(gen, compile_everything, monkeypatch):
+    logits = 2 * torch.randn(9, 300, generator=gen)
+    tokens = torch.randint(0, 300, (9,), generator=gen)
+    chunked = token_stats(logits, tokens, chunk_size=4, kappa=True)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    fresh = compiling.CompiledForLargeInputs(entropy._fused_sums, "token_stats", eager=entropy._chunked_sums)
+    monkeypatch.setattr(entropy, "_fused_pass", fresh)
+    again = token_stats(logits, tokens, chunk_size=4, kappa=True)
+    assert all(map(torch.equal, again, chunked)) and fresh.compiled is None and fresh.compiles
+    with pytest.warns(UserWarning, match="token_stats runs eagerly.*no C\\+\\+ compiler"):
+        fallback = token_stats(logits, tokens, kappa=True)
+    assert not fresh.compiles
+    # the fallback is the default chunking (here one chunk), which chunk_size=4 agrees with to rounding
+    for got, expected in zip(fallback, chunked, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)

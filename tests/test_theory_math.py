@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
+from entroclip import compiling
 from entroclip.advantages import group_advantages
+from entroclip.compiling import COMPILE_FROM, CompiledForLargeInputs
 from entroclip.entropy import entropy_sensitivity, token_entropy
-from entroclip.theory import compiling, softmax, updates
-from entroclip.theory.compiling import COMPILE_FROM, CompiledForLargeRuns
+from entroclip.theory import softmax, updates
 from entroclip.theory.policies import initial_logits, temper_to_entropy
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.simulation import check_step
@@ -150,7 +151,7 @@ def test_compiled_and_eager_dense_passes_agree(gen, monkeypatch):
     logits = torch.randn(7, 3, 40, generator=gen, dtype=torch.float64)
     factor = torch.randn(7, 3, 1, generator=gen, dtype=torch.float64)
     shift = torch.randn(7, 3, 1, generator=gen, dtype=torch.float64)
-    compiled = CompiledForLargeRuns(softmax._step_and_exponentiate)
+    compiled = CompiledForLargeInputs(softmax._step_and_exponentiate, "the theory lab")
     outputs = []
     for run in (functools.partial(compiled, COMPILE_FROM), softmax._step_and_exponentiate):
         state = (logits.clone(), logits.exp())
@@ -188,7 +189,7 @@ def test_dense_passes_run_eagerly_where_torch_compile_fails(gen, monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    dense_pass = CompiledForLargeRuns(softmax._shift_and_exponentiate)
+    dense_pass = CompiledForLargeInputs(softmax._shift_and_exponentiate, "the theory lab")
     logits = torch.randn(3, 1, 20, generator=gen, dtype=torch.float64)
     weights = torch.empty_like(logits)
     with pytest.warns(UserWarning, match="no C\\+\\+ compiler"):

@@ -7,7 +7,6 @@ Modules, one job each:
 - ``rewards``: action-independent random rewards, group advantages and E[max(A, 0)];
 - ``updates``: one GRPO update (sampling, the core's clipped surrogate, PG / NPG / Adam steps);
 - ``theorems``: Theorems 1 and 2 in closed form, the finite-difference check, Ineq. 7 along a path;
-- ``compiling``: torch.compile for large runs (eager for small ones and where it cannot build);
 - ``simulation``: one inner step, one update and trajectories over many seeds at once;
 - ``phase``: drift over a grid of clip bounds and the eps_low that holds entropy steady;
 - ``plots`` and ``cli``: CSV / PNG output and ``entroclip theory ...``.

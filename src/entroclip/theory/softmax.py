@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from entroclip.theory.compiling import CompiledForLargeRuns
+from entroclip.compiling import CompiledForLargeInputs
 
 #: Largest |log normaliser| tolerated before the logits of a row are shifted back to log-probabilities.
 REBASE = 30.0
@@ -41,9 +41,9 @@ def _sums_for_entropy(weights: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     return weights.sum(-1, keepdim=True), (weights * logits).sum(-1, keepdim=True)
 
 
-_shift_pass = CompiledForLargeRuns(_shift_and_exponentiate)
-_step_pass = CompiledForLargeRuns(_step_and_exponentiate)
-_entropy_pass = CompiledForLargeRuns(_sums_for_entropy)
+_shift_pass = CompiledForLargeInputs(_shift_and_exponentiate, "the theory lab")
+_step_pass = CompiledForLargeInputs(_step_and_exponentiate, "the theory lab")
+_entropy_pass = CompiledForLargeInputs(_sums_for_entropy, "the theory lab")
 
 
 class SoftmaxState:
@@ -130,7 +130,7 @@ class SoftmaxState:
         """``logits += coefficient * pi`` (``coefficient`` ``[S, K]``) and :meth:`refresh`, in one pass."""
         self.update_logits(_step_pass, coefficient.unsqueeze(-1) / self.normaliser)
 
-    def update_logits(self, step: CompiledForLargeRuns[..., Tensor], *args: Tensor | float) -> None:
+    def update_logits(self, step: CompiledForLargeInputs[..., Tensor], *args: Tensor | float) -> None:
         """Change the logits with one dense pass ``step(logits, weights, *args, shift)`` that changes the
         logits in place, subtracts ``shift`` ``[S, K, 1]`` (see :meth:`refresh`), writes exp(logits) into
         the weights and returns their sums over actions ``[S, K, 1]``."""

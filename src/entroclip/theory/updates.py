@@ -27,8 +27,8 @@ from typing import Literal, Protocol, get_args
 import torch
 from torch import Tensor
 
+from entroclip.compiling import CompiledForLargeInputs
 from entroclip.objectives import surrogate_terms
-from entroclip.theory.compiling import CompiledForLargeRuns
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.softmax import SoftmaxState
 
@@ -194,7 +194,7 @@ def _weights_and_fractions(
     return -grad * logp_new.shape[0], fractions
 
 
-_weights_pass = CompiledForLargeRuns(_weights_and_fractions)
+_weights_pass = CompiledForLargeInputs(_weights_and_fractions, "the theory lab")
 
 
 def surrogate_weights(
@@ -247,7 +247,7 @@ def _adam_and_exponentiate(
     return torch.exp(logits, out=weights).sum(-1, keepdim=True)
 
 
-_adam_pass = CompiledForLargeRuns(_adam_and_exponentiate)
+_adam_pass = CompiledForLargeInputs(_adam_and_exponentiate, "the theory lab")
 
 
 class LogitAdam:
