@@ -197,14 +197,11 @@ def test_default_chunk_and_validation():
         token_stats(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
 
 
-def test_compiled_pass_takes_one_chunk_and_matches_float64(gen, monkeypatch):
-    """Under torch.compile the default is one chunk (a loop of chunks compiles into buffer copies)."""
-    monkeypatch.setattr(entropy, "CHUNK_LOGITS_CPU", 100)  # eagerly: 2 rows per chunk at V = 50
+def test_traced_into_a_compiled_graph_matches_float64(gen):
+    """Inside torch.compile the forward and backward passes are traced as single loops over the rows."""
     logits = 2 * torch.randn(12, 50, generator=gen)
     tokens = torch.randint(0, 50, (12,), generator=gen)
     weights = torch.randn(2, 12, generator=gen)
-    rows = torch.compile(lambda x: torch.full((), chunk_rows(x, None)), backend="eager", fullgraph=True)
-    assert rows(logits).item() == 12 and chunk_rows(logits, None) == 2
 
     def stats(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         got = token_stats(x, tokens, kappa=True)
@@ -291,19 +288,54 @@ def test_compiled_pass_takes_bf16(gen, compile_everything):
 def test_chunks_where_asked_or_where_torch_compile_fails(gen, compile_everything, monkeypatch):
     logits = 2 * torch.randn(9, 300, generator=gen)
     tokens = torch.randint(0, 300, (9,), generator=gen)
-    chunked = token_stats(logits, tokens, chunk_size=4, kappa=True)
+    weights = torch.randn(2, 9, generator=gen)
+
+    def values_and_gradient(chunk_size):
+        x = logits.clone().requires_grad_(True)
+        stats = token_stats(x, tokens, chunk_size=chunk_size, kappa=True)
+        (grad,) = torch.autograd.grad((weights[0] * stats.logp + weights[1] * stats.entropy).sum(), x)
+        return (*stats, grad)
+
+    chunked = values_and_gradient(4)
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(torch, "compile", no_compiler)
-    fresh = compiling.CompiledForLargeInputs(entropy._fused_sums, "token_stats", eager=entropy._chunked_sums)
-    monkeypatch.setattr(entropy, "_fused_pass", fresh)
-    again = token_stats(logits, tokens, chunk_size=4, kappa=True)
-    assert all(map(torch.equal, again, chunked)) and fresh.compiled is None and fresh.compiles
+    passes = {
+        "_fused_pass": (entropy._fused_sums, entropy._chunked_sums),
+        "_gradient_pass": (entropy._fused_gradient, entropy._chunked_gradient),
+    }
+    fresh = {}
+    for name, (function, eager) in passes.items():
+        fresh[name] = compiling.CompiledForLargeInputs(function, "token_stats", eager=eager, dynamic=False)
+        monkeypatch.setattr(entropy, name, fresh[name])
+    assert all(map(torch.equal, values_and_gradient(4), chunked))
+    assert all(p.compiled is None and p.compiles for p in fresh.values())
     with pytest.warns(UserWarning, match="token_stats runs eagerly.*no C\\+\\+ compiler"):
-        fallback = token_stats(logits, tokens, kappa=True)
-    assert not fresh.compiles
+        fallback = values_and_gradient(None)
+    assert not any(p.compiles for p in fresh.values())
     # the fallback is the default chunking (here one chunk), which chunk_size=4 agrees with to rounding
     for got, expected in zip(fallback, chunked, strict=True):
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("use_logp", "use_entropy"), [(True, False), (False, True), (True, True)])
+def test_compiled_backward_matches_float64_autograd(gen, compile_everything, dtype, use_logp, use_entropy):
+    logits = (2 * torch.randn(6, 5, 300, generator=gen)).to(dtype)
+    tokens = torch.randint(0, 300, (6, 5), generator=gen)
+    w_logp, w_ent = torch.randn(2, 6, 5, generator=gen)
+
+    def loss(logp, h):
+        return (use_logp * w_logp * logp).sum() + (use_entropy * w_ent * h).sum()
+
+    x64 = logits.double().requires_grad_(True)
+    logp, h, _ = reference64(x64, tokens, 0.7)
+    (expected,) = torch.autograd.grad(loss(logp, h), x64)
+    x = logits.clone().requires_grad_(True)
+    got = token_stats(x, tokens, 0.7, entropy=use_entropy)
+    (grad,) = torch.autograd.grad(loss(got.logp, got.entropy if use_entropy else 0.0), x)
+    assert grad.dtype == dtype and entropy._gradient_pass.compiled is not None
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}
+    torch.testing.assert_close(grad.double(), expected, **tolerance)

@@ -65,14 +65,8 @@ def _check_temperature(temperature: float) -> None:
 
 
 def chunk_rows(logits: Tensor, chunk_size: int | None) -> int:
-    """Rows per chunk: ``chunk_size``, or by default a fixed number of logits per chunk for the device.
-
-    Inside ``torch.compile`` the default is one chunk: inductor fuses the pass into loops over the rows
-    that keep no ``[N, V]`` intermediate, while a Python loop of chunks on reused scratch buffers compiles
-    into copies of them (an update of a model with V = 32,000 ran 4x slower compiled than eager).
-    """
-    if chunk_size is None and torch.compiler.is_compiling():
-        return max(1, logits.numel() // max(logits.shape[-1], 1))
+    """Rows per chunk of the eager passes: ``chunk_size``, or by default a fixed number of logits per
+    chunk for the device."""
     if chunk_size is None:
         cpu = logits.device.type == "cpu"
         budget = CHUNK_LOGITS_CPU if cpu else CHUNK_LOGITS_ACCELERATOR
@@ -199,6 +193,17 @@ def _chunked_sums(
 _fused_pass = CompiledForLargeInputs(_fused_sums, "token_stats", eager=_chunked_sums, dynamic=False)
 
 
+def _for_compiled_pass(*tensors: Tensor | None) -> list[Tensor | None]:
+    """``tensors`` (per row: logits ``[N, V]`` and ``[N]`` or ``[N, 1]`` companions) detached, with their
+    rows marked dynamic, for a compiled pass: a graph then serves every number of rows, and dynamo does
+    not read ``.grad`` of non-leaf inputs (with a warning)."""
+    detached = [t.detach() if t is not None else None for t in tensors]
+    for t in detached:
+        if t is not None:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    return detached
+
+
 def _all_sums(
     logits: Tensor, tokens: Tensor | None, temperature: float, moments: int, chunk_size: int | None
 ) -> _Sums:
@@ -208,9 +213,8 @@ def _all_sums(
     if torch.compiler.is_compiling():
         return _fused_sums(logits, tokens, temperature, moments)
     if chunk_size is None and logits.device.type == "cpu":
-        logits = logits.detach()  # dynamo would read .grad of a non-leaf input, with a warning
-        for rows in (logits, tokens) if tokens is not None else (logits,):
-            torch._dynamo.maybe_mark_dynamic(rows, 0)
+        logits, tokens = _for_compiled_pass(logits, tokens)
+        assert logits is not None
         return _fused_pass(logits.numel(), logits, tokens, temperature, moments)
     return _chunked_sums(logits, tokens, temperature, moments, chunk_size)
 
@@ -261,6 +265,72 @@ def _chunk_backward(
     return out.div_(temperature) if temperature != 1.0 else out
 
 
+def _fused_gradient(
+    logits: Tensor,
+    tokens: Tensor | None,
+    saved: tuple[Tensor, Tensor, Tensor | None],
+    grads: tuple[Tensor | None, Tensor | None],
+    temperature: float,
+) -> Tensor:
+    """The gradient of :func:`_chunk_backward` for all rows of ``logits`` ``[N, V]`` at once, in the
+    logits' dtype, written for torch.compile: one loop over the rows (the sampled token's term is a select;
+    a scatter into the result ran twice as slow in some of the graphs)."""
+    shift, log2_s0, h = saved
+    grad_logp, grad_h = grads
+    log2_p = (logits.float() - shift.unsqueeze(-1)) * (1.0 / (_LN2 * temperature)) - log2_s0.unsqueeze(-1)
+    p = torch.exp2(log2_p)
+    if grad_h is None:
+        assert grad_logp is not None
+        grad = -grad_logp.unsqueeze(-1) * p
+    else:
+        assert h is not None
+        coef = (log2_p.clamp(min=_LOGP_FLOOR) * _LN2 + h.unsqueeze(-1)) * grad_h.unsqueeze(-1)
+        if grad_logp is not None:
+            coef = coef + grad_logp.unsqueeze(-1)
+        grad = -(coef * p)
+    if grad_logp is not None:
+        assert tokens is not None
+        sampled = torch.arange(logits.shape[-1], device=logits.device) == tokens
+        grad = grad + torch.where(sampled, grad_logp.unsqueeze(-1), 0.0)
+    return (grad / temperature).to(logits.dtype)
+
+
+def _chunked_gradient(
+    logits: Tensor,
+    tokens: Tensor | None,
+    saved: tuple[Tensor, Tensor, Tensor | None],
+    grads: tuple[Tensor | None, Tensor | None],
+    temperature: float,
+    rows: int | None = None,
+) -> Tensor:
+    """The gradient w.r.t. flat ``logits`` ``[N, V]``, in their dtype, chunk by chunk (``rows`` per chunk,
+    by default :func:`chunk_rows`'s): computed in place in the gradient when it is float32."""
+    rows = chunk_rows(logits, rows)
+    grad = torch.empty_like(logits)
+    direct = grad.dtype == torch.float32
+    work = _workspace(logits, rows, 2 - direct)
+    for start in range(0, logits.shape[0], rows):
+        part = slice(start, start + rows)
+        n = logits[part].shape[0]
+        out = _chunk_backward(
+            logits[part],
+            _rows(tokens, part),
+            (saved[0][part], saved[1][part], _rows(saved[2], part)),
+            (_rows(grads[0], part), _rows(grads[1], part)),
+            temperature,
+            grad[part] if direct else work[1][:n],
+            work[0][:n],
+        )
+        if not direct:
+            grad[part] = out
+    return grad
+
+
+_gradient_pass = CompiledForLargeInputs(
+    _fused_gradient, "token_stats", eager=_chunked_gradient, dynamic=False
+)
+
+
 class _TokenStatsFunction(torch.autograd.Function):
     """``(logp_a, H, kappa)`` of flat logits ``[N, V]`` chunk by chunk; see :func:`token_stats`."""
 
@@ -276,7 +346,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         sums = _all_sums(logits, tokens, temperature, moments, chunk_size)
         log2_s0, logp, h, kappa = _statistics(sums)
         ctx.save_for_backward(logits, tokens, sums.shift, log2_s0, h)
-        ctx.temperature, ctx.rows = temperature, chunk_rows(logits, chunk_size)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.set_materialize_grads(False)
         if kappa is not None:
             ctx.mark_non_differentiable(kappa)
@@ -290,23 +360,19 @@ class _TokenStatsFunction(torch.autograd.Function):
         if (grad_logp is None and grad_h is None) or not ctx.needs_input_grad[0]:
             return (None, *none)
         logits, tokens, shift, log2_s0, h = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        direct = grad.dtype == torch.float32  # the chunks are computed in place in the gradient
-        work = _workspace(logits, ctx.rows, 2 - direct)
-        for start in range(0, logits.shape[0], ctx.rows):
-            rows = slice(start, start + ctx.rows)
-            n = logits[rows].shape[0]
-            out = _chunk_backward(
-                logits[rows],
-                _rows(tokens, rows),
-                (shift[rows], log2_s0[rows], _rows(h, rows)),
-                (_rows(grad_logp, rows), _rows(grad_h, rows)),
-                ctx.temperature,
-                grad[rows] if direct else work[1][:n],
-                work[0][:n],
+        saved, grads = (shift, log2_s0, h), (grad_logp, grad_h)
+        if torch.compiler.is_compiling():
+            grad = _fused_gradient(logits, tokens, saved, grads, ctx.temperature)
+        elif ctx.chunk_size is None and logits.device.type == "cpu":
+            x, tokens, shift, log2_s0, h, grad_logp, grad_h = _for_compiled_pass(
+                logits, tokens, *saved, *grads
             )
-            if not direct:
-                grad[rows] = out
+            assert x is not None and shift is not None and log2_s0 is not None
+            grad = _gradient_pass(
+                x.numel(), x, tokens, (shift, log2_s0, h), (grad_logp, grad_h), ctx.temperature
+            )
+        else:
+            grad = _chunked_gradient(logits, tokens, saved, grads, ctx.temperature, ctx.chunk_size)
         return (grad, *none)
 
 
@@ -325,10 +391,12 @@ def token_stats(
         logits: ``[..., V]`` in any float dtype (bf16 is computed in float32 chunk by chunk); every row
             needs a finite maximum (-inf logits are tokens of probability 0).
         tokens: int64 ``[...]``, the sampled token at each position; None: no ``logp`` and no ``kappa``.
-        chunk_size: rows per chunk of the eager pass. None: on a CPU, inputs of at least
-            :data:`entroclip.compiling.COMPILE_FROM` logits take one pass compiled by torch.compile (the
-            eager chunks where it cannot build), smaller ones and other devices chunks of
-            :func:`chunk_rows`'s default size; the backward pass always goes by chunks.
+        chunk_size: rows per chunk of the eager passes. None: on a CPU, inputs of at least
+            :data:`entroclip.compiling.COMPILE_FROM` logits take one pass forward and one backward,
+            compiled by torch.compile (the eager chunks where it cannot build); smaller ones and other
+            devices take chunks of :func:`chunk_rows`'s default size. Inside ``torch.compile`` the
+            passes are traced into the caller's graph as single loops over the rows (a Python loop of
+            chunks on reused scratch buffers compiles into copies of them).
         entropy: compute H (always computed when ``kappa`` is).
         kappa: compute kappa (needs ``tokens``).
     Returns:
