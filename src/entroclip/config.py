@@ -225,6 +225,13 @@ class RunConfig(Section):
     threads: int = Field(
         1, ge=1, le=256, description="torch CPU threads (results are exact per thread count)"
     )
+    keep_freed_memory: bool = Field(
+        True,
+        description="keep freed CPU memory in the process (glibc malloc: no mmap for large blocks, no "
+        "heap trimming), so that the large tensors of every step reuse their pages instead of faulting "
+        "them in again (about 15% faster updates of a 32,000-word model on a CPU); the resident memory "
+        "then stays at its peak. No effect off glibc",
+    )
     parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="under torchrun: ddp keeps a whole model on every rank; fsdp shards parameters, "

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from entroclip.advantages import gae, group_advantages, masked_whiten
+from entroclip.allocator import keep_freed_memory
 from entroclip.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, save_checkpoint
 from entroclip.config import Config, ConfigError, dump_config
 from entroclip.control import CLIP_COV_FRACTION, KL_COV_FRACTION, ControlAction, make_controller
@@ -175,6 +176,8 @@ class Trainer:
         self.console = console or Console(stderr=True, quiet=not self.ctx.is_main)
         self.run_dir = Path(config.run.out_dir)
         torch.set_num_threads(config.run.threads)
+        if config.run.keep_freed_memory:
+            keep_freed_memory()
         self.task: Task = _configured("task", lambda: make_task(config.task.name, **config.task.options))
         if skipped_lines := getattr(self.task, "skipped_lines", 0):
             self.console.print(
