@@ -9,7 +9,9 @@ and a tiny-0.1m-shaped Llama with a 32,000-word vocabulary, where work per vocab
 Each update starts from the same weights and a fresh optimizer; the variants run interleaved. Every variant
 also runs compiled (``run.compile``: entroclip's step functions, and the bare update's forward and loss,
 through ``torch.compile`` with the trainer's CPU options); the compiled ones are warmed up (compiled)
-before timing.
+before timing. The process keeps freed memory (``entroclip.allocator.keep_freed_memory``), as the trainer
+does by default: otherwise the large tensors of each step fault their pages in afresh, which costs the
+V = 32,000 update 15-20% and varies from update to update.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def percent(ratio: tuple[float, float, float]) -> str:
 
 
 def run(quick: bool, threads: int) -> dict[str, Any]:
+    from entroclip.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the trainer does by default (run.keep_freed_memory)
     reps = 3 if quick else 21
     rows, goals, data = [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,6 +121,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
             if all(met)
             else "Over 5%: " + "; ".join(g["goal"] for g in goals if not g["met"]) + "."
         )
+        + " The process keeps freed memory, as the trainer does by default (`run.keep_freed_memory`)."
         + " The last column compares with a bare update (same forward, backward, clipping of the gradient "
         "and AdamW step, a three-line clipped loss, no statistics): the cost of all of the diagnostics "
         "together."

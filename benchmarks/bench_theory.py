@@ -70,6 +70,9 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     found = api()
     if isinstance(found, str):
         return harness.skipped(NAME, TITLE, quick, threads, found)
+    from entroclip.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as `entroclip theory` does
     initial_logits, simulate_trajectory, default_lr, lab_config = found
     seeds = 1_000 if quick else SEEDS
     updates, reps = (2, 2) if quick else (10, 5)
@@ -145,7 +148,9 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         "2 threads, a bare `exp` over the same logits about 5, so the exponential and memory traffic "
         "bound it alike. Timed without theory tracking "
         "(`track_theory=False`, as "
-        "`entroclip theory trajectory --no-track-theory`); `benchmarks/theory_speed.py` times whole "
+        "`entroclip theory trajectory --no-track-theory`), in a process that keeps freed memory as "
+        "`entroclip theory` does (`entroclip.allocator.keep_freed_memory`: about 2 ms per pg update); "
+        "`benchmarks/theory_speed.py` times whole "
         "1,000-update runs."
     )
     if previous:

@@ -54,3 +54,16 @@ def test_the_trainer_applies_the_setting_from_its_config(tmp_path, monkeypatch, 
     overrides = [f"run.out_dir={tmp_path / 'run'}", f"run.keep_freed_memory={str(keep).lower()}"]
     trainer.Trainer(load_config("configs/quick.yaml", overrides))
     assert calls == ([1] if keep else [])
+
+
+def test_the_theory_commands_apply_the_setting(monkeypatch):
+    from typer.testing import CliRunner
+
+    from entroclip.cli import app
+    from entroclip.theory import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    result = CliRunner().invoke(app, ["theory", "drift", "--n", "20", "--seeds", "50", "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls == [1]

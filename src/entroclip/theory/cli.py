@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from entroclip.allocator import keep_freed_memory
 from entroclip.theory import plots
 from entroclip.theory.phase import balance_eps_low, balance_runs, phase_diagram
 from entroclip.theory.policies import initial_logits
@@ -42,6 +43,13 @@ app = typer.Typer(
 )
 stdout = Console()
 stderr = Console(stderr=True)
+
+
+@app.callback()
+def _keep_freed_memory() -> None:
+    """Every lab command keeps freed memory in the process, as the trainer does by default: its dense
+    passes allocate and free arrays of tens of MB at every update."""
+    keep_freed_memory()
 
 
 def say(text: str) -> None:
