@@ -142,8 +142,9 @@ def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
 
 
 #: Inside torch.compile a row is summed in blocks of this many logits, then over the blocks. A compiled
-#: sum over a whole row adds V / 8 terms in each vector lane, in float32 10-50x less accurate than torch's
-#: cascaded eager sum at V = 150k; in blocks a lane adds 16 terms, then V / 128 block sums.
+#: sum over a whole row adds V / w terms in each of its w vector lanes (w = 8 or 16), in float32 10-50x
+#: less accurate than torch's cascaded eager sum at V = 150k; in blocks a lane adds 128 / w terms, and the
+#: V / 128 block sums are added in a second loop.
 _SUM_BLOCK = 128
 
 
@@ -194,9 +195,9 @@ _fused_pass = CompiledForLargeInputs(_fused_sums, "token_stats", eager=_chunked_
 
 
 def _for_compiled_pass(*tensors: Tensor | None) -> list[Tensor | None]:
-    """``tensors`` (per row: logits ``[N, V]`` and ``[N]`` or ``[N, 1]`` companions) detached, with their
-    rows marked dynamic, for a compiled pass: a graph then serves every number of rows, and dynamo does
-    not read ``.grad`` of non-leaf inputs (with a warning)."""
+    """``tensors`` (per row: logits ``[N, V]`` and ``[N]`` or ``[N, 1]`` companions) for a compiled pass:
+    detached (dynamo would read ``.grad`` of a non-leaf input, with a warning) and with their rows marked
+    dynamic (a graph then serves every number of rows)."""
     detached = [t.detach() if t is not None else None for t in tensors]
     for t in detached:
         if t is not None:
