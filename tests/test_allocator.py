@@ -33,10 +33,11 @@ def faults(mode: str) -> tuple[str, int]:
 def test_freed_blocks_are_reused_without_page_faults():
     applied, kept = faults("keep")
     _, returned = faults("default")
-    pages = 2**26 // 4096
     assert applied == "True"
-    assert returned >= 10 * pages // 2  # by default every allocation maps and faults its pages afresh
-    assert kept < pages // 2
+    # By default every allocation maps its pages afresh and faults them in: 10 x 16,384 faults of 4 KiB
+    # pages here (fewer with transparent huge pages); with the setting, the heap's pages are reused.
+    assert returned > 0
+    assert kept <= returned // 10
 
 
 def test_keep_freed_memory_changes_nothing_off_linux(monkeypatch):
