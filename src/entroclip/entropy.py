@@ -157,11 +157,16 @@ def _blocked_row_sum(t: Tensor) -> Tensor:
     return blocks + t[:, whole:].sum(-1)
 
 
-def _fused_sums(logits: Tensor, tokens: Tensor | None, temperature: float, moments: int) -> _Sums:
+def _fused_bits(logits: Tensor, shift: Tensor, temperature: float) -> Tensor:
+    """:func:`_bits` without an output buffer, for compiled passes: ``[N, V]``; ``shift``: ``[N, 1]``."""
+    return (logits.float() - shift) * (1.0 / (_LN2 * temperature))
+
+
+def _fused_sums(logits: Tensor, tokens: Tensor | None, *, temperature: float, moments: int) -> _Sums:
     """The row sums of :func:`_chunk_sums` for all rows of ``logits`` ``[N, V]`` at once, written for
     torch.compile: one loop over the vocabulary per row, no ``[N, V]`` intermediate."""
     shift = logits.amax(-1, keepdim=True).float()
-    d = (logits.float() - shift) * (1.0 / (_LN2 * temperature))
+    d = _fused_bits(logits, shift, temperature)
     picked = d.gather(-1, tokens).squeeze(-1) if tokens is not None else None
     if moments == 0:
         return _Sums(shift.squeeze(-1), picked, _blocked_row_sum(torch.exp2(d)), None, None, None)
@@ -175,7 +180,7 @@ def _fused_sums(logits: Tensor, tokens: Tensor | None, temperature: float, momen
 
 
 def _chunked_sums(
-    logits: Tensor, tokens: Tensor | None, temperature: float, moments: int, rows: int | None = None
+    logits: Tensor, tokens: Tensor | None, *, temperature: float, moments: int, rows: int | None = None
 ) -> _Sums:
     """The row sums of flat ``logits`` ``[N, V]`` chunk by chunk (``rows`` per chunk, by default
     :func:`chunk_rows`'s) on reused scratch buffers."""
@@ -194,30 +199,27 @@ def _chunked_sums(
 _fused_pass = CompiledForLargeInputs(_fused_sums, "token_stats", eager=_chunked_sums, dynamic=False)
 
 
-def _for_compiled_pass(*tensors: Tensor | None) -> list[Tensor | None]:
-    """``tensors`` (per row: logits ``[N, V]`` and ``[N]`` or ``[N, 1]`` companions) for a compiled pass:
-    detached (dynamo would read ``.grad`` of a non-leaf input, with a warning) and with their rows marked
-    dynamic (a graph then serves every number of rows)."""
-    detached = [t.detach() if t is not None else None for t in tensors]
-    for t in detached:
-        if t is not None:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-    return detached
-
-
-def _all_sums(
-    logits: Tensor, tokens: Tensor | None, temperature: float, moments: int, chunk_size: int | None
-) -> _Sums:
-    """The row sums of flat ``logits`` ``[N, V]`` (tokens ``[N, 1]``): inside torch.compile traced into the
-    caller's graph; eagerly, one compiled pass for large inputs on a CPU unless ``chunk_size`` is given,
-    else :func:`_chunked_sums`."""
+def _one_pass(
+    passes: CompiledForLargeInputs[..., Any],
+    chunk_size: int | None,
+    logits: Tensor,
+    *per_row: Tensor | None,
+    **options: Any,
+) -> Any:
+    """One pass of ``passes`` over flat ``logits`` ``[N, V]`` and their per-row companions (``[N]`` or
+    ``[N, 1]``): inside torch.compile its compilable function, traced into the caller's graph; eagerly, on
+    a CPU with ``chunk_size`` None, through ``passes`` (compiled for large inputs); else its eager chunks,
+    ``chunk_size`` rows each. A compiled pass gets its tensors detached (dynamo would read ``.grad`` of a
+    non-leaf input, with a warning) and their rows marked dynamic (a graph serves every number of rows)."""
     if torch.compiler.is_compiling():
-        return _fused_sums(logits, tokens, temperature, moments)
+        return passes.function(logits, *per_row, **options)
     if chunk_size is None and logits.device.type == "cpu":
-        logits, tokens = _for_compiled_pass(logits, tokens)
-        assert logits is not None
-        return _fused_pass(logits.numel(), logits, tokens, temperature, moments)
-    return _chunked_sums(logits, tokens, temperature, moments, chunk_size)
+        tensors = [t.detach() if t is not None else None for t in (logits, *per_row)]
+        for t in tensors:
+            if t is not None:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return passes(logits.numel(), *tensors, **options)
+    return passes.eager(logits, *per_row, **options, rows=chunk_size)
 
 
 def _statistics(sums: _Sums) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
@@ -269,16 +271,18 @@ def _chunk_backward(
 def _fused_gradient(
     logits: Tensor,
     tokens: Tensor | None,
-    saved: tuple[Tensor, Tensor, Tensor | None],
-    grads: tuple[Tensor | None, Tensor | None],
+    shift: Tensor,
+    log2_s0: Tensor,
+    h: Tensor | None,
+    grad_logp: Tensor | None,
+    grad_h: Tensor | None,
+    *,
     temperature: float,
 ) -> Tensor:
     """The gradient of :func:`_chunk_backward` for all rows of ``logits`` ``[N, V]`` at once, in the
     logits' dtype, written for torch.compile: one loop over the rows (the sampled token's term is a select;
     a scatter into the result ran twice as slow in some of the graphs)."""
-    shift, log2_s0, h = saved
-    grad_logp, grad_h = grads
-    log2_p = (logits.float() - shift.unsqueeze(-1)) * (1.0 / (_LN2 * temperature)) - log2_s0.unsqueeze(-1)
+    log2_p = _fused_bits(logits, shift.unsqueeze(-1), temperature) - log2_s0.unsqueeze(-1)
     p = torch.exp2(log2_p)
     if grad_h is None:
         assert grad_logp is not None
@@ -299,8 +303,12 @@ def _fused_gradient(
 def _chunked_gradient(
     logits: Tensor,
     tokens: Tensor | None,
-    saved: tuple[Tensor, Tensor, Tensor | None],
-    grads: tuple[Tensor | None, Tensor | None],
+    shift: Tensor,
+    log2_s0: Tensor,
+    h: Tensor | None,
+    grad_logp: Tensor | None,
+    grad_h: Tensor | None,
+    *,
     temperature: float,
     rows: int | None = None,
 ) -> Tensor:
@@ -316,8 +324,8 @@ def _chunked_gradient(
         out = _chunk_backward(
             logits[part],
             _rows(tokens, part),
-            (saved[0][part], saved[1][part], _rows(saved[2], part)),
-            (_rows(grads[0], part), _rows(grads[1], part)),
+            (shift[part], log2_s0[part], _rows(h, part)),
+            (_rows(grad_logp, part), _rows(grad_h, part)),
             temperature,
             grad[part] if direct else work[1][:n],
             work[0][:n],
@@ -344,7 +352,7 @@ class _TokenStatsFunction(torch.autograd.Function):
         chunk_size: int | None,
         moments: int,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        sums = _all_sums(logits, tokens, temperature, moments, chunk_size)
+        sums = _one_pass(_fused_pass, chunk_size, logits, tokens, temperature=temperature, moments=moments)
         log2_s0, logp, h, kappa = _statistics(sums)
         ctx.save_for_backward(logits, tokens, sums.shift, log2_s0, h)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -361,19 +369,18 @@ class _TokenStatsFunction(torch.autograd.Function):
         if (grad_logp is None and grad_h is None) or not ctx.needs_input_grad[0]:
             return (None, *none)
         logits, tokens, shift, log2_s0, h = ctx.saved_tensors
-        saved, grads = (shift, log2_s0, h), (grad_logp, grad_h)
-        if torch.compiler.is_compiling():
-            grad = _fused_gradient(logits, tokens, saved, grads, ctx.temperature)
-        elif ctx.chunk_size is None and logits.device.type == "cpu":
-            x, tokens, shift, log2_s0, h, grad_logp, grad_h = _for_compiled_pass(
-                logits, tokens, *saved, *grads
-            )
-            assert x is not None and shift is not None and log2_s0 is not None
-            grad = _gradient_pass(
-                x.numel(), x, tokens, (shift, log2_s0, h), (grad_logp, grad_h), ctx.temperature
-            )
-        else:
-            grad = _chunked_gradient(logits, tokens, saved, grads, ctx.temperature, ctx.chunk_size)
+        grad = _one_pass(
+            _gradient_pass,
+            ctx.chunk_size,
+            logits,
+            tokens,
+            shift,
+            log2_s0,
+            h,
+            grad_logp,
+            grad_h,
+            temperature=ctx.temperature,
+        )
         return (grad, *none)
 
 
