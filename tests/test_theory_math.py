@@ -346,6 +346,39 @@ def test_sampler_draws_the_exact_probabilities_and_never_a_weight_of_zero(gen, d
         assert chi_square < 25.0, chi_square
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 16, 300])
+def test_compiled_inverse_cdf_is_searchsorted(gen, n):
+    """The binary search finds what torch.searchsorted finds: zero weights (equal running sums), n a power
+    of two or not, uniforms of 0 and next to 1."""
+    weights = torch.rand(40, n, generator=gen, dtype=torch.float64)
+    weights[weights < 0.3] = 0.0
+    weights[:, 0] += 1e-3  # every row has mass
+    cumulative = weights.cumsum(-1)
+    uniforms = torch.rand(40, 9, generator=gen, dtype=torch.float64)
+    uniforms[:, 0], uniforms[:, 1] = 0.0, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+    compiled = CompiledForLargeInputs(softmax._inverse_cdf, "the theory lab", dynamic=False)
+    found = compiled(COMPILE_FROM, cumulative, uniforms)
+    assert compiled.compiled is not None
+    assert torch.equal(found, softmax._searchsorted(cumulative, uniforms))
+    assert torch.equal(softmax._inverse_cdf(cumulative, uniforms), found)
+    assert (weights.gather(1, found) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sampler_in_chunks_draws_what_one_search_over_all_rows_draws(gen, monkeypatch, dtype):
+    """Chunks of 3 rows (the last one shorter), compiled, against one searchsorted over every row on the
+    same uniforms."""
+    monkeypatch.setattr(compiling, "COMPILE_FROM", 1)
+    monkeypatch.setattr(softmax, "SAMPLE_CHUNK", 3 * 50)
+    logits = torch.randn(4, 5, 50, generator=gen, dtype=dtype)
+    policy = SoftmaxState.from_logits(logits)
+    seed = int(torch.randint(1 << 30, (1,), generator=gen))
+    draws = policy.sample(6, torch.Generator().manual_seed(seed))
+    uniforms = torch.rand(20, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected = softmax._searchsorted(policy.weights.view(20, 50).double().cumsum(-1), uniforms)
+    assert torch.equal(draws, expected.view(4, 5, 6))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Theorems 1 and 2
 
