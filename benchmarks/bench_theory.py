@@ -133,7 +133,8 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     prose = (
         "The lab keeps every seed's policy in one `[seeds, contexts, actions]` tensor with its weights "
         "exp(logits) and log normaliser, and steps them all with batched tensor operations: inverse-CDF "
-        "sampling (running sums of the weights in a kept float64 buffer, one binary search per draw), the "
+        "sampling (chunk by chunk of rows, the running sums of the weights in an 8 MiB float64 buffer that "
+        "stays in cache, then one binary search per draw, compiled), the "
         "surrogate's per-sample weights as `torch.func.grad` of the core's `surrogate_terms` (one "
         "compiled kernel per inner step for large runs, with the clip fractions), a "
         "scatter-add for the sampled actions. A pg step is one pass over the logits (the step along pi, "
@@ -142,7 +143,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
         "changes only the sampled logits. An Adam step is one compiled pass too (gradient, both moments, "
         "logits and weights); an npg step changes only the "
         "sampled logits, their weights and the normaliser. Each update also samples (one pass for the "
-        "running sums), runs the core surrogate once per inner step and takes the entropies of the "
+        "running sums, about 10 ms with the searches), runs the core surrogate once per inner step and takes the entropies of the "
         "trajectory (one compiled pass). Every dense pass computes one `exp` per logit and moves 4 "
         "arrays of 10^7 (reads and writes of the logits and weights): a 10^7-logit pass takes 6-7 ms on "
         "2 threads, a bare `exp` over the same logits about 5, so the exponential and memory traffic "
