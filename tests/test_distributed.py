@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from entroclip.distributed import (
@@ -23,6 +22,7 @@ from entroclip.distributed import (
     load_full_state_dict,
     load_optimizer_state,
     shard_module,
+    shutdown,
 )
 from entroclip.policy.builtin import save_builtin
 from entroclip.policy.loading import load_policy
@@ -116,7 +116,7 @@ def _worker(rank, world, port, model_dir, agg, parallel, value_head, out_file, c
     weights, metrics = one_step(model_dir, local, agg, ctx, parallel, compiled)
     if ctx.is_main:
         torch.save({"weights": weights, "metrics": metrics}, out_file)
-    dist.destroy_process_group()
+    shutdown(ctx)
 
 
 def free_port() -> int:
@@ -207,7 +207,7 @@ def _sharded_worker(rank, world, port, model_dir, out):
     load_full_state_dict(model, weights, strict=False)
     load_optimizer_state(optimizer, state)
     save_whole(model, optimizer, ctx, out / "again.pt")
-    dist.destroy_process_group()
+    shutdown(ctx)
 
 
 def test_sharded_model_samples_like_the_whole_model_and_its_whole_state_round_trips(model_dir, tmp_path):

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from entroclip.consoles import message_console
 from entroclip.theory.cli import app as theory_app
 
 app = typer.Typer(
@@ -18,14 +18,14 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(theory_app, name="theory")
-console = Console(stderr=True)
+console = message_console()
 
 EXIT_BAD_INPUT = 2
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
     """Print a one-line error and return the exit to raise."""
-    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
 

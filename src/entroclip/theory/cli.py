@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from entroclip.allocator import keep_freed_memory
+from entroclip.consoles import message_console
 from entroclip.theory import plots
 from entroclip.theory.phase import balance_eps_low, balance_runs, phase_diagram
 from entroclip.theory.policies import initial_logits
@@ -42,7 +43,7 @@ app = typer.Typer(
     help="Tabular softmax theory lab: expected entropy drift under clipping.", no_args_is_help=True
 )
 stdout = Console()
-stderr = Console(stderr=True)
+stderr = message_console()
 
 
 @app.callback()
@@ -308,7 +309,7 @@ def lab_errors() -> Iterator[None]:
     try:
         yield
     except (FloatingPointError, ValueError) as error:
-        stderr.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        stderr.print(f"error: {error}", markup=False, highlight=False)
         raise typer.Exit(1) from None
 
 
