@@ -64,6 +64,64 @@ def goal(dtype: str, projected: dict[str, float], threads: int) -> dict[str, Any
     )
 
 
+def update_parts(torch: Any, logits: Any, config: Any, seeds: int, per_update: float, reps: int) -> dict:
+    """Table: each part of a pg update timed alone on the policies of the first table (one pass of 4
+    minibatches: 1 sampling, 4 surrogate evaluations, a sparse first step, 3 dense steps, 1 entropy
+    pass), with the share of ``per_update`` (seconds) it accounts for."""
+    from entroclip.theory.simulation import broadcast_policy
+    from entroclip.theory.softmax import SoftmaxState
+    from entroclip.theory.updates import sample_batch, surrogate_weights
+
+    policy = broadcast_policy(logits, seeds)
+    generator = torch.Generator().manual_seed(1)
+    minibatch = next(sample_batch(policy, config, generator).minibatches(config.minibatches))
+    actions, contexts = minibatch.flat_actions, minibatch.contexts
+    logp = policy.log_probs_at(actions, contexts)
+    # steps small enough that the repeated calls leave the policy where it was, to a few percent
+    deltas = 1e-3 * torch.randn(actions.shape, generator=generator, dtype=logits.dtype)
+    coefficient = 1e-3 * torch.randn(seeds, 1, generator=generator, dtype=logits.dtype)
+    draws = config.prompts * config.group_size
+    parts = {
+        f"sampling ({draws} draws per policy)": (1, lambda: policy.sample(draws, generator)),
+        "advantages (random rewards)": (
+            1,
+            lambda: config.reward.sample_advantages(
+                (seeds, config.prompts), config.group_size, generator, logits.dtype
+            ),
+        ),
+        "log pi of a minibatch's samples": (4, lambda: policy.log_probs_at(actions, contexts)),
+        "surrogate weights (core objective)": (
+            4,
+            lambda: surrogate_weights(
+                logp, minibatch.logp_old, minibatch.advantages, config.clip, policy.logits.numel()
+            ),
+        ),
+        "sparse step (the first)": (1, lambda: policy.add_at(actions, contexts, deltas)),
+        "dense step along pi": (3, lambda: policy.step_along_probs(coefficient)),
+        "entropy pass": (
+            1,
+            lambda: SoftmaxState(policy.logits, policy.weights, policy.log_norm).entropy(),
+        ),
+    }
+    times = harness.interleaved({name: fn for name, (_, fn) in parts.items()}, reps=reps, warmup=2)
+    rows, accounted = [], 0.0
+    for name, (calls, _) in parts.items():
+        per_call = harness.median(times[name])
+        accounted += calls * per_call
+        share = f"{100 * calls * per_call / per_update:.0f}%"
+        rows.append([name, calls, harness.spread(times[name]), f"{1e3 * calls * per_call:.1f}", share])
+    rest = per_update - accounted
+    rows.append(
+        ["the rest (Python, small ops)", "-", "-", f"{1e3 * rest:.1f}", f"{100 * rest / per_update:.0f}%"]
+    )
+    header = ["part", "calls per update", "ms per call, median [min-max]", "ms per update", "share"]
+    title = (
+        f"Where a pg update goes: {seeds:,} x {ACTIONS:,} float64, each part timed alone "
+        f"({reps} interleaved rounds), against {1e3 * per_update:.1f} ms per update above"
+    )
+    return harness.table(title, header, rows)
+
+
 def run(quick: bool, threads: int) -> dict[str, Any]:
     import torch
 
@@ -111,6 +169,13 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
                 "-" if earlier is None else f"{earlier / projected[dtype][optimiser]:.2f}",
             ]
         )
+    pg = data.get("pg/float64")
+    parts = None
+    if pg is not None:
+        config = lab_config(optimiser="pg", lr=default_lr["pg"], minibatches=4, prompts=4)
+        logits = initial_logits("zipf", ACTIONS, 1, 1.0, dtype=torch.float64)
+        per_update = projection(pg, updates)[0]
+        parts = update_parts(torch, logits, config, seeds, per_update, reps=3 * reps)
     header = [
         "optimiser",
         "dtype",
@@ -132,34 +197,32 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     goals = [] if quick else [goal(dtype, times, threads) for dtype, times in projected.items()]
     prose = (
         "The lab keeps every seed's policy in one `[seeds, contexts, actions]` tensor with its weights "
-        "exp(logits) and log normaliser, and steps them all with batched tensor operations: inverse-CDF "
-        "sampling (chunk by chunk of rows, the running sums of the weights in an 8 MiB float64 buffer that "
-        "stays in cache, then one binary search per draw, compiled), the "
-        "surrogate's per-sample weights as `torch.func.grad` of the core's `surrogate_terms` (one "
-        "compiled kernel per inner step for large runs, with the clip fractions), a "
-        "scatter-add for the sampled actions. A pg step is one pass over the logits (the step along pi, "
-        "the new weights and their sums, as one loop compiled by `torch.compile` for large policies), "
-        "except an update's first step: at the sampling policy the step along pi is zero, so that step "
-        "changes only the sampled logits. An Adam step is one compiled pass too (gradient, both moments, "
-        "logits and weights); an npg step changes only the "
-        "sampled logits, their weights and the normaliser. Each update also samples (one pass for the "
-        "running sums, about 10 ms with the searches), runs the core surrogate once per inner step and takes the entropies of the "
-        "trajectory (one compiled pass). Every dense pass computes one `exp` per logit and moves 4 "
-        "arrays of 10^7 (reads and writes of the logits and weights): a 10^7-logit pass takes 6-7 ms on "
-        "2 threads, a bare `exp` over the same logits about 5, so the exponential and memory traffic "
-        "bound it alike. Timed without theory tracking "
-        "(`track_theory=False`, as "
+        "exp(logits) and log normaliser, and steps them all with batched tensor operations. Sampling "
+        "goes chunk by chunk of rows: the running sums of the weights in an 8 MiB float64 buffer that "
+        "stays in cache, then one binary search per draw (compiled). The surrogate's per-sample weights "
+        "are `torch.func.grad` of the core's `surrogate_terms` (one compiled kernel per inner step for "
+        "large runs, with the clip fractions). A pg step is a scatter-add for the sampled actions and "
+        "one pass over the logits (the step along pi, the new weights and their sums, as one loop "
+        "compiled by `torch.compile` for large policies), except an update's first step: at the "
+        "sampling policy the step along pi is zero, so that step changes only the sampled logits. An "
+        "Adam step is one compiled pass too (gradient, both moments, logits and weights); an npg step "
+        "changes only the sampled logits, their weights and the normaliser. Each update also takes the "
+        "entropies of the trajectory (one compiled pass). A dense pass computes one `exp` per logit and "
+        "reads and writes the logits and weights (4 arrays of 10^7 doubles): on 2 threads it takes "
+        "6-7 ms, a row sum of one such array 2.7 ms and a row sum of its `exp` 5.6 ms, so the "
+        "exponentials cost about as much as the memory traffic. The second table times each part of a "
+        "pg update alone. Timed without theory tracking (`track_theory=False`, as "
         "`entroclip theory trajectory --no-track-theory`), in a process that keeps freed memory as "
         "`entroclip theory` does (`entroclip.allocator.keep_freed_memory`: about 2 ms per pg update); "
-        "`benchmarks/theory_speed.py` times whole "
-        "1,000-update runs."
+        "`benchmarks/theory_speed.py` times whole 1,000-update runs."
     )
     if previous:
         prose += (
             f" The before column is this benchmark run on the lab before its speed-up "
             f"(`results/{BEFORE.name}`)."
         )
-    return harness.result(NAME, TITLE, quick, threads, [table], goals, prose, data=data)
+    tables = [table] if parts is None else [table, parts]
+    return harness.result(NAME, TITLE, quick, threads, tables, goals, prose, data=data)
 
 
 if __name__ == "__main__":
