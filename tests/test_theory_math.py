@@ -346,22 +346,24 @@ def test_sampler_draws_the_exact_probabilities_and_never_a_weight_of_zero(gen, d
         assert chi_square < 25.0, chi_square
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 16, 300])
-def test_compiled_inverse_cdf_is_searchsorted(gen, n):
+def test_compiled_inverse_cdf_is_searchsorted(gen):
     """The binary search finds what torch.searchsorted finds: zero weights (equal running sums), n a power
-    of two or not, uniforms of 0 and next to 1."""
-    weights = torch.rand(40, n, generator=gen, dtype=torch.float64)
-    weights[weights < 0.3] = 0.0
-    weights[:, 0] += 1e-3  # every row has mass
-    cumulative = weights.cumsum(-1)
-    uniforms = torch.rand(40, 9, generator=gen, dtype=torch.float64)
-    uniforms[:, 0], uniforms[:, 1] = 0.0, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
-    compiled = CompiledForLargeInputs(softmax._inverse_cdf, "the theory lab", dynamic=False)
-    found = compiled(COMPILE_FROM, cumulative, uniforms)
-    assert compiled.compiled is not None
-    assert torch.equal(found, softmax._searchsorted(cumulative, uniforms))
-    assert torch.equal(softmax._inverse_cdf(cumulative, uniforms), found)
-    assert (weights.gather(1, found) > 0).all()
+    of two or not, uniforms of 0 and next to 1. Ten sizes in four ranges between powers of two take four
+    graphs: more than torch.compile's 8 recompiles would end in the eager fallback."""
+    torch._dynamo.reset()
+    compiled = CompiledForLargeInputs(softmax._inverse_cdf, "the theory lab", softmax._searchsorted)
+    for n in [1, 2, 3, 5, 7, 257, 300, 301, 400, 511]:
+        weights = torch.rand(40, n, generator=gen, dtype=torch.float64)
+        weights[weights < 0.3] = 0.0
+        weights[:, 0] += 1e-3  # every row has mass
+        cumulative = weights.cumsum(-1)
+        uniforms = torch.rand(40, 9, generator=gen, dtype=torch.float64)
+        uniforms[:, 0], uniforms[:, 1] = 0.0, torch.nextafter(torch.tensor(1.0), torch.tensor(0.0))
+        found = compiled(COMPILE_FROM, cumulative, uniforms)
+        assert compiled.compiles, n
+        assert torch.equal(found, softmax._searchsorted(cumulative, uniforms)), n
+        assert torch.equal(softmax._inverse_cdf(cumulative, uniforms), found), n
+        assert (weights.gather(1, found) > 0).all(), n
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -56,11 +56,15 @@ def _inverse_cdf(cumulative: Tensor, uniforms: Tensor) -> Tensor:
     ``torch.searchsorted(cumulative, u * total, right=True)``).
 
     Written as a branch-free binary search (one probe per power of two below n), which compiles into one
-    loop; it takes about 2/3 of the time of ``searchsorted``, whose probes miss the cache as often."""
+    loop; it takes about 2/3 of the time of ``searchsorted``, whose probes miss the cache as often. The
+    largest power of two is found by comparisons with n, so that a compiled graph serves every n
+    between two powers of two (torch.compile guards on the comparisons, not on n itself)."""
     targets = _scaled_uniforms(cumulative, uniforms)
     n = cumulative.shape[-1]
     found = torch.zeros(targets.shape, dtype=torch.int64, device=targets.device)
-    step = 1 << (n.bit_length() - 1)
+    step = 1
+    while 2 * step <= n:
+        step *= 2
     while step:
         probe = found + (step - 1)
         inside = probe < n
@@ -78,7 +82,7 @@ def _searchsorted(cumulative: Tensor, uniforms: Tensor) -> Tensor:
 _shift_pass = CompiledForLargeInputs(_shift_and_exponentiate, "the theory lab")
 _step_pass = CompiledForLargeInputs(_step_and_exponentiate, "the theory lab")
 _entropy_pass = CompiledForLargeInputs(_sums_for_entropy, "the theory lab")
-_inverse_cdf_pass = CompiledForLargeInputs(_inverse_cdf, "the theory lab", _searchsorted, dynamic=False)
+_inverse_cdf_pass = CompiledForLargeInputs(_inverse_cdf, "the theory lab", _searchsorted)
 
 
 class SoftmaxState:
@@ -297,10 +301,7 @@ class SoftmaxState:
             # float32 weights are widened by a copy first: cumsum(dtype=float64) widens into a fresh tensor
             source = chunk if chunk.dtype == torch.float64 else self._cumulative[: len(chunk)].copy_(chunk)
             cumulative = torch.cumsum(source, -1, out=self._cumulative[: len(chunk)])
-            targets = uniforms[part]
-            for rows_of_chunk in (cumulative, targets):
-                torch._dynamo.maybe_mark_dynamic(rows_of_chunk, 0)
-            actions[part] = _inverse_cdf_pass(weights.numel(), cumulative, targets)
+            actions[part] = _inverse_cdf_pass(weights.numel(), cumulative, uniforms[part])
         return actions.view(seeds, contexts_n, draws)
 
     def entropy_gradient(self) -> Tensor:
