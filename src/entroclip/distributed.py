@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -64,7 +64,7 @@ class DistContext:
     def max(self, values: Sequence[float]) -> list[float]:
         return self._reduce(values, dist.ReduceOp.MAX)
 
-    def _reduce(self, values: Sequence[float], op: dist.ReduceOp) -> list[float]:
+    def _reduce(self, values: Sequence[float], op: dist.ReduceOp.RedOpType) -> list[float]:
         if not self.enabled:
             return list(values)
         buffer = torch.tensor(list(values), dtype=torch.float64, device=self.device)
@@ -157,7 +157,9 @@ def is_sharded(module: nn.Module) -> bool:
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
     """``module``'s whole state dict: gathered from the shards onto rank 0's CPU when sharded (the other
     ranks, which must call it too, get an empty dict). Tied parameters stay one tensor."""
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # a full, offloaded model state dict holds plain tensors (no DTensor shards, no nested state)
+    state = cast(dict[str, Tensor], get_model_state_dict(module, options=options))
     first: dict[int, str] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         original = first.setdefault(id(param), name)

@@ -525,8 +525,9 @@ class Trainer:
                 logits, hidden = response_logits_and_hidden(self.model, rollout, c.rollout.temperature)
                 old_values = self.value_head(hidden)
                 sums["value/mean"] = ((old_values * mask).sum(), n_tokens)
-                logp_old, entropy, _ = token_stats(logits, rollout.responses)
-                assert logp_old is not None and entropy is not None
+                per_token = token_stats(logits, rollout.responses)
+                assert per_token.logp is not None and per_token.entropy is not None
+                logp_old, entropy = per_token.logp, per_token.entropy
                 del logits
             sums["entropy/rollout"] = ((entropy * mask).sum(), n_tokens)
             logp_ref, kl_penalty_tokens = None, torch.zeros_like(logp_old)
@@ -548,8 +549,10 @@ class Trainer:
         metrics["time/rollout_s"] = t1 - t0
         metrics["time/reward_s"] = t2 - t1
         if old_values is None:
+            kind = c.advantage.kind
+            assert kind != "gae", "gae runs with a value head"
             rewards = rewards - kl_penalty_tokens.sum(-1)
-            advantages = group_advantages(rewards, c.rollout.group_size, c.advantage.kind)
+            advantages = group_advantages(rewards, c.rollout.group_size, kind)
             return UpdateBatch(rollout, advantages, logp_old, ref_for_loss), metrics
         token_rewards = terminal_rewards(rewards, mask) - kl_penalty_tokens
         advantages, returns = gae(token_rewards, old_values, mask, c.advantage.gamma, c.advantage.lam)
@@ -651,7 +654,7 @@ class Trainer:
         t2 = time.perf_counter()
         metrics.update(stats.metrics())
         metrics["train/skipped_steps"] = float(self.skipped_total)
-        metrics["optim/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
         if action.eps_low is not None:
             metrics["control/eps_low"] = action.eps_low
         if action.eps_high is not None:

@@ -14,7 +14,6 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from entroclip.control import clip_cov_select, kl_cov_select
 from entroclip.distributed import DistContext, global_loss_factor
@@ -28,7 +27,7 @@ from entroclip.objectives import (
     surrogate_terms,
 )
 from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden
-from entroclip.value import ValueHead, clipped_value_loss
+from entroclip.value import clipped_value_loss
 
 
 @dataclass
@@ -251,14 +250,14 @@ EAGER = StepFunctions()
 
 
 def run_update(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: UpdateBatch,
     settings: UpdateSettings,
     shuffle_seed: int,
     consecutive_skips: int = 0,
-    value_head: ValueHead | None = None,
+    value_head: torch.nn.Module | None = None,
     ctx: DistContext = SINGLE_PROCESS,
     functions: StepFunctions = EAGER,
 ) -> tuple[UpdateStats, int]:
@@ -336,8 +335,8 @@ _STEP_STATS = (
 
 
 def _policy_terms(
-    model: PreTrainedModel,
-    value_head: ValueHead | None,
+    model: torch.nn.Module,
+    value_head: torch.nn.Module | None,
     mb: UpdateBatch,
     temperature: float,
     entropy: bool,
@@ -414,8 +413,8 @@ def _loss_terms(
 
 
 def _step_terms(
-    model: PreTrainedModel,
-    value_head: ValueHead | None,
+    model: torch.nn.Module,
+    value_head: torch.nn.Module | None,
     mb: UpdateBatch,
     knobs: _Knobs,
     settings: _StaticSettings,
@@ -458,8 +457,8 @@ class _StaticSettings:
 
 
 def _minibatch_step(
-    model: PreTrainedModel,
-    value_head: ValueHead | None,
+    model: torch.nn.Module,
+    value_head: torch.nn.Module | None,
     optimizer: torch.optim.Optimizer,
     mb: UpdateBatch,
     settings: UpdateSettings,

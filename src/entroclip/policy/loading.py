@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -72,8 +73,12 @@ def format_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_
     if chat_template == "off" or not has_template:
         return prompts
     return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        # a string: tokenize=False
+        cast(
+            str,
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            ),
         )
         for p in prompts
     ]

@@ -10,10 +10,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
 from entroclip.distributed import is_sharded, unwrap
 from entroclip.entropy import token_stats
@@ -128,7 +129,7 @@ def sample(
         prompt_len = enc["input_ids"].shape[1]
         cache = prompt_prefix_cache(model, enc["input_ids"], enc["attention_mask"], prompt_len, shared)
         torch.manual_seed(seed)
-        out = model.generate(
+        out = cast(GenerationMixin, model).generate(  # causal LMs mix generation in
             **enc,
             **({} if cache is None else {_cache_argument(model): cache}),
             do_sample=True,
@@ -215,7 +216,7 @@ def prompt_prefix_cache(
 
 
 def _response_forward(
-    model: PreTrainedModel, rollout: Rollout, temperature: float, hidden: bool
+    model: torch.nn.Module, rollout: Rollout, temperature: float, hidden: bool
 ) -> tuple[Tensor, Tensor | None]:
     """The forward pass over the rollout; rows that share a prompt share its pass over all but the last
     prompt token (:func:`prompt_prefix_cache`)."""
@@ -244,13 +245,13 @@ def _response_forward(
     return logits, states
 
 
-def response_logits(model: PreTrainedModel, rollout: Rollout, temperature: float) -> Tensor:
+def response_logits(model: torch.nn.Module, rollout: Rollout, temperature: float) -> Tensor:
     """Logits / temperature that predict each response token, ``[B, T, V]`` (model dtype)."""
     return _response_forward(model, rollout, temperature, hidden=False)[0]
 
 
 def response_logits_and_hidden(
-    model: PreTrainedModel, rollout: Rollout, temperature: float
+    model: torch.nn.Module, rollout: Rollout, temperature: float
 ) -> tuple[Tensor, Tensor]:
     """``response_logits`` and the final hidden states at those positions, ``[B, T, H]`` (value head)."""
     logits, states = _response_forward(model, rollout, temperature, hidden=True)
