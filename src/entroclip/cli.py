@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from entroclip.consoles import message_console
+from entroclip.consoles import unwrapped_console
 from entroclip.theory.cli import app as theory_app
 
 app = typer.Typer(
@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(theory_app, name="theory")
-console = message_console()
+console = unwrapped_console()
 
 EXIT_BAD_INPUT = 2
 

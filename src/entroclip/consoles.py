@@ -1,11 +1,12 @@
-"""The rich console that commands print their messages and progress bars to."""
+"""The rich consoles that commands print their messages, results and progress bars to."""
 
 from __future__ import annotations
 
 from rich.console import Console
 
 
-def message_console(quiet: bool = False) -> Console:
-    """A console on stderr that does not cut lines at its width, so that paths and values stay whole in
-    logs and pipes (a terminal still wraps long lines for display). ``quiet``: it prints nothing."""
-    return Console(stderr=True, soft_wrap=True, quiet=quiet)
+def unwrapped_console(*, stderr: bool = True, quiet: bool = False) -> Console:
+    """A console (on stderr, or stdout) that does not cut lines at its width, so that sentences, paths and
+    values stay whole in logs and pipes (a terminal still wraps long lines for display); tables still
+    fit the width. ``quiet``: it prints nothing."""
+    return Console(stderr=stderr, soft_wrap=True, quiet=quiet)

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 
 from entroclip.config import load_config
-from entroclip.consoles import message_console
+from entroclip.consoles import unwrapped_console
 from entroclip.report import write_study_report
 from entroclip.sft import SFTSettings, supervised_warmup
 from entroclip.study import Setting, plan_runs, run_study
@@ -42,7 +42,7 @@ def warm_up(out: Path, task_name: str, model: str, console: Console) -> Path:
 def run_demo(
     out: Path, seeds: int = 3, steps: int | None = None, workers: int = 2, console: Console | None = None
 ) -> Path:
-    console = console or message_console()
+    console = console or unwrapped_console()
     if not DEMO_CONFIG.is_file():
         raise FileNotFoundError(f"{DEMO_CONFIG} not found: run the demo from the repository root")
     base = load_config(DEMO_CONFIG)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from entroclip.consoles import message_console
+from entroclip.consoles import unwrapped_console
 from entroclip.policy.builtin import save_builtin
 from entroclip.policy.loading import format_prompts, load_policy
 from entroclip.policy.sampling import sample
@@ -74,7 +74,7 @@ def supervised_warmup(
     ``model_source`` is a built-in model name or a local model folder. Returns the held-out accuracy of
     the saved model, reloaded through ``from_pretrained``.
     """
-    console = console or message_console()
+    console = console or unwrapped_console()
     held_out = task.eval_examples(settings.eval_prompts, seed=settings.seed)  # fails before any training
     out_dir.mkdir(parents=True, exist_ok=True)
     source = Path(model_source)

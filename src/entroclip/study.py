@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from entroclip.config import Config, apply_overrides, parse_config
-from entroclip.consoles import message_console
+from entroclip.consoles import unwrapped_console
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def _run_one(config: dict[str, Any], run_key: str, resume: bool) -> str:
 
     cfg = parse_config(config)
     resume = resume and (Path(cfg.run.out_dir) / CONFIG_FILE).is_file()
-    trainer = Trainer(cfg, resume=resume, overwrite=True, console=message_console(quiet=True))
+    trainer = Trainer(cfg, resume=resume, overwrite=True, console=unwrapped_console(quiet=True))
     trainer.train(show_progress=False, on_step=lambda step, _m: _progress_updates.put((run_key, step)))
     return cfg.run.out_dir
 
@@ -117,7 +117,7 @@ def run_study(
     An existing run folder is replaced, or with ``resume`` continued from its last checkpoint (a finished
     run is only re-read), so an interrupted study can be completed by running it again.
     """
-    console = console or message_console()
+    console = console or unwrapped_console()
     jobs = [(label, cfg) for label, cfgs in plan.items() for cfg in cfgs]
     ctx = mp.get_context("spawn")
     updates = ctx.Queue()

@@ -36,7 +36,7 @@ from entroclip.advantages import gae, group_advantages, masked_whiten
 from entroclip.allocator import keep_freed_memory
 from entroclip.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, save_checkpoint
 from entroclip.config import Config, ConfigError, dump_config
-from entroclip.consoles import message_console
+from entroclip.consoles import unwrapped_console
 from entroclip.control import CLIP_COV_FRACTION, KL_COV_FRACTION, ControlAction, make_controller
 from entroclip.distributed import (
     DistContext,
@@ -174,7 +174,7 @@ class Trainer:
         alone writes the run folder; every rank trains on its share of the prompts."""
         self.config = config
         self.ctx = ctx or DistContext()
-        self.console = console or message_console(quiet=not self.ctx.is_main)
+        self.console = console or unwrapped_console(quiet=not self.ctx.is_main)
         self.run_dir = Path(config.run.out_dir)
         torch.set_num_threads(config.run.threads)
         if config.run.keep_freed_memory:

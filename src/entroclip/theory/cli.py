@@ -19,12 +19,11 @@ from typing import Annotated, Any, Literal
 
 import torch
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from entroclip.allocator import keep_freed_memory
-from entroclip.consoles import message_console
+from entroclip.consoles import unwrapped_console
 from entroclip.theory import plots
 from entroclip.theory.phase import balance_eps_low, balance_runs, phase_diagram
 from entroclip.theory.policies import initial_logits
@@ -42,8 +41,8 @@ from entroclip.theory.updates import DEFAULT_LR, ClipBounds, LabConfig
 app = typer.Typer(
     help="Tabular softmax theory lab: expected entropy drift under clipping.", no_args_is_help=True
 )
-stdout = Console()
-stderr = message_console()
+stdout = unwrapped_console(stderr=False)
+stderr = unwrapped_console()
 
 
 @app.callback()
