@@ -285,13 +285,13 @@ class SoftmaxState:
         """``draws`` iid actions from each policy, int64 ``[S, K, draws]``.
 
         Inverse-CDF sampling: ``draws`` uniforms per row, then, chunk by chunk of rows, the running sums of
-        the rows' weights (float64, in a buffer of ``SAMPLE_CHUNK`` elements that stays in cache) and a
+        the rows' weights (float64, in a buffer of at most ``SAMPLE_CHUNK`` elements, kept in cache) and a
         binary search for each uniform (see :func:`_inverse_cdf`). An action of weight 0 is never drawn.
         """
         seeds, contexts_n, n = self.shape
         weights = self._weights.view(seeds * contexts_n, n)  # exact: the running sums need no normaliser
         uniforms = torch.rand(weights.shape[0], draws, generator=generator, dtype=torch.float64)
-        rows = max(1, SAMPLE_CHUNK // n)
+        rows = max(1, min(SAMPLE_CHUNK // n, weights.shape[0]))  # a small policy's buffer is its size
         if self._cumulative is None or self._cumulative.shape != (rows, n):
             self._cumulative = torch.empty(rows, n, dtype=torch.float64)
         actions = torch.empty(uniforms.shape, dtype=torch.int64)
