@@ -12,18 +12,23 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _NAME = re.compile(r"^step_(\d{6,})$")
+#: a file directly in the run folder
+_NAME_IN_RUN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 class CheckpointError(RuntimeError):
@@ -68,11 +73,18 @@ def without_shared(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any], fingerprint: str
+    run_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    fingerprint: str,
+    run_files: Sequence[str] = (),
 ) -> Path:
     """Write checkpoint ``step`` atomically and return its folder; older checkpoints are kept.
 
-    Tied weights are stored once; ``state["tied_weights"]`` lists the names left out.
+    Tied weights are stored once; ``state["tied_weights"]`` lists the names left out. ``run_files`` names
+    files of the run folder that the checkpoint depends on (the probe set); their sums go into the
+    manifest, and loading refuses the checkpoint when one has changed.
     """
     weights, tied = without_shared(weights)
     state = {**state, "tied_weights": tied}
@@ -84,14 +96,17 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     try:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "model.safetensors")
-        )
+        tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+        try:
+            save_file(tensors, str(tmp / "model.safetensors"))
+        except SafetensorError as err:  # e.g. no space left: an OSError like any other write failure
+            raise OSError(f"cannot write {tmp / 'model.safetensors'}: {err}") from None
         buffer = io.BytesIO()
         torch.save(state, buffer)
         (tmp / "state.pt").write_bytes(buffer.getvalue())
         files = {name: _sha256(tmp / name) for name in CHECKPOINT_FILES}
-        manifest = {"step": step, "fingerprint": fingerprint, "sha256": files}
+        outside = {name: _sha256(run_dir / name) for name in run_files}
+        manifest = {"step": step, "fingerprint": fingerprint, "sha256": files, "run_files": outside}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for name in (*files, "manifest.json"):
             with (tmp / name).open("rb") as f:
@@ -135,6 +150,15 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint:
         file = path / name
         if not file.is_file() or _sha256(file) != expected:
             raise CheckpointError(f"{path}: {name} is missing or corrupt (checksum mismatch)")
+    outside = manifest.get("run_files", {})
+    if not isinstance(outside, dict) or not all(_NAME_IN_RUN.match(str(name)) for name in outside):
+        raise CheckpointError(f"{path}: manifest.json lists invalid run files {outside!r}")
+    for name, expected in outside.items():
+        file = path.parent.parent / name
+        if not file.is_file() or _sha256(file) != expected:
+            raise CheckpointError(
+                f"{path}: the run's {name} is missing or changed since this checkpoint was written"
+            )
     if manifest.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"{path}: written by an incompatible config (a model, task, reward, rollout, advantage, loss, "
@@ -142,13 +166,19 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint:
             "config.yaml"
         )
     weights = load_file(str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=False)
+    try:
+        # weights_only: a run folder is data, and unpickling arbitrary objects would run its code
+        state = torch.load(path / "state.pt", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path}: state.pt holds more than tensors and plain values and is not loaded ({first_line})"
+        ) from None
     return Checkpoint(int(manifest["step"]), path, weights, state)
 
 
-def latest_checkpoint(run_dir: Path, fingerprint: str) -> Checkpoint | None:
-    """The newest checkpoint of a run, verified; None when the run has none."""
-    found = list_checkpoints(run_dir)
-    if not found:
-        return None
-    return load_checkpoint(found[-1][1], fingerprint)
+def latest_checkpoint(run_dir: Path, fingerprint: str, up_to_step: int | None = None) -> Checkpoint | None:
+    """The newest checkpoint of a run (at a step <= ``up_to_step`` if given), verified; None when there is
+    none."""
+    found = [path for step, path in list_checkpoints(run_dir) if up_to_step is None or step <= up_to_step]
+    return load_checkpoint(found[-1], fingerprint) if found else None

@@ -7,16 +7,31 @@ Unknown keys are errors, and every error names the field and the allowed values.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from entroclip.objectives import Aggregation, KLKind
 
 
 class ConfigError(ValueError):
     """A config that cannot be run; the message names the field and the allowed values."""
+
+
+def _not_a_bool(kind: str) -> Any:
+    """A check that refuses YAML's true/false where a number is expected (pydantic reads true as 1)."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected {kind}, got {str(value).lower()}")
+        return value
+
+    return BeforeValidator(check)
+
+
+Int = Annotated[int, _not_a_bool("an integer")]
+Float = Annotated[float, _not_a_bool("a number")]
 
 
 class Section(BaseModel):
@@ -51,7 +66,7 @@ class TaskConfig(Section):
 
     name: str = Field("addition", description="task name (addition, reverse, jsonl, reasoning_gym, ...)")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the task")
-    prompts_per_step: int = Field(16, ge=1, le=65536, description="prompts per rollout batch")
+    prompts_per_step: Int = Field(16, ge=1, le=65536, description="prompts per rollout batch")
 
 
 class RewardConfig(Section):
@@ -61,20 +76,20 @@ class RewardConfig(Section):
         "random_bernoulli", description="reward name (random_bernoulli, exact_match, math, ...)"
     )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the reward")
-    timeout_s: float = Field(5.0, gt=0, le=3600, description="per-sample timeout; a timeout gives reward 0")
+    timeout_s: Float = Field(5.0, gt=0, le=3600, description="per-sample timeout; a timeout gives reward 0")
 
 
 class RolloutConfig(Section):
     """Sampling of G responses per prompt."""
 
-    group_size: int = Field(8, ge=1, le=1024, description="responses per prompt (G)")
-    max_new_tokens: int = Field(8, ge=1, le=32768, description="response length limit")
-    temperature: float = Field(1.0, gt=0, le=10, description="sampling temperature (entropy uses the same)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 disables it")
+    group_size: Int = Field(8, ge=1, le=1024, description="responses per prompt (G)")
+    max_new_tokens: Int = Field(8, ge=1, le=32768, description="response length limit")
+    temperature: Float = Field(1.0, gt=0, le=10, description="sampling temperature (entropy uses the same)")
+    top_p: Float = Field(1.0, gt=0, le=1, description="nucleus sampling; 1 disables it")
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="hf: transformers generate with a KV cache; vllm: a colocated vLLM engine (GPU)"
     )
-    vllm_gpu_memory: float = Field(0.3, gt=0, le=1, description="vllm: fraction of GPU memory for the engine")
+    vllm_gpu_memory: Float = Field(0.3, gt=0, le=1, description="vllm: fraction of GPU memory for the engine")
 
 
 class AdvantageConfig(Section):
@@ -84,10 +99,10 @@ class AdvantageConfig(Section):
         "grpo",
         description="grpo: group mean/std; drgrpo: group mean; rloo: leave-one-out; gae: PPO + value head",
     )
-    gamma: float = Field(1.0, ge=0, le=1, description="discount (gae)")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (gae)")
-    value_coef: float = Field(0.5, ge=0, description="value-loss weight (gae)")
-    value_clip: float = Field(
+    gamma: Float = Field(1.0, ge=0, le=1, description="discount (gae)")
+    lam: Float = Field(0.95, ge=0, le=1, description="GAE lambda (gae)")
+    value_coef: Float = Field(0.5, ge=0, description="value-loss weight (gae)")
+    value_clip: Float = Field(
         0.2, gt=0, description="value clipping range around the rollout-time value (gae)"
     )
 
@@ -95,7 +110,7 @@ class AdvantageConfig(Section):
 class KLConfig(Section):
     """KL to the initial (reference) policy."""
 
-    coef: float = Field(0.0, ge=0, description="KL coefficient beta; 0 disables the reference model")
+    coef: Float = Field(0.0, ge=0, description="KL coefficient beta; 0 disables the reference model")
     kind: KLKind = Field("k3", description="estimator: k1, k2 or k3")
     in_reward: bool = Field(
         False, description="subtract beta*KL from the reward instead of adding it to the loss"
@@ -105,35 +120,35 @@ class KLConfig(Section):
 class LossConfig(Section):
     """The clipped surrogate."""
 
-    eps_low: float | None = Field(0.2, ge=0, le=1, description="clip-low bound; null: no clip-low")
-    eps_high: float | None = Field(0.2, ge=0, description="clip-high bound; null: no clip-high")
-    dual_clip: float | None = Field(None, gt=1, description="dual-clip constant c > 1; null: off")
+    eps_low: Float | None = Field(0.2, ge=0, le=1, description="clip-low bound; null: no clip-low")
+    eps_high: Float | None = Field(0.2, ge=0, description="clip-high bound; null: no clip-high")
+    dual_clip: Float | None = Field(None, gt=1, description="dual-clip constant c > 1; null: off")
     agg: Aggregation = Field("token-mean", description="loss aggregation mode")
-    max_len: int | None = Field(
+    max_len: Int | None = Field(
         None, ge=1, description="constant length for seq-mean-token-sum-norm (default rollout.max_new_tokens)"
     )
-    entropy_coef: float = Field(0.0, description="entropy bonus coefficient (loss -= coef * entropy)")
+    entropy_coef: Float = Field(0.0, description="entropy bonus coefficient (loss -= coef * entropy)")
     kl: KLConfig = Field(default_factory=KLConfig)
 
 
 class OptimConfig(Section):
     """AdamW, schedule and the multi-epoch update."""
 
-    lr: float = Field(1e-4, gt=0, le=1, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
+    lr: Float = Field(1e-4, gt=0, le=1, description="peak learning rate")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[Float, Float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: Int = Field(0, ge=0, description="linear warm-up, in optimizer steps")
     schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay after warm-up")
-    grad_clip: float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
-    epochs: int = Field(4, ge=1, le=1000, description="passes over each rollout batch (mu)")
-    minibatches: int = Field(4, ge=1, le=65536, description="minibatches per pass")
+    grad_clip: Float | None = Field(1.0, gt=0, description="max gradient norm; null: no clipping")
+    epochs: Int = Field(4, ge=1, le=1000, description="passes over each rollout batch (mu)")
+    minibatches: Int = Field(4, ge=1, le=65536, description="minibatches per pass")
     group_minibatches: bool = Field(
         True,
         description="minibatches hold whole groups (a prompt's G responses together, as in verl), so the "
         "training forward pass runs each prompt once per minibatch; false: single responses, shuffled "
         "across groups",
     )
-    max_skipped_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
+    max_skipped_steps: Int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
 
 
 class ControlConfig(Section):
@@ -144,37 +159,37 @@ class ControlConfig(Section):
         description="static: fixed bounds; clip_low: move eps_low to hold the entropy; entropy_bonus: adapt "
         "the entropy coefficient; clip_cov / kl_cov: covariance-based token selection (Cui et al. 2025)",
     )
-    target: float | None = Field(None, gt=0, description="entropy to hold, nats (clip_low, entropy_bonus)")
-    target_ratio: float | None = Field(
+    target: Float | None = Field(None, gt=0, description="entropy to hold, nats (clip_low, entropy_bonus)")
+    target_ratio: Float | None = Field(
         None, gt=0, description="entropy to hold as a fraction of the rollout entropy at step 1"
     )
-    release_step: int | None = Field(None, ge=0, description="stop holding the target after this step")
-    smoothing: float = Field(0.0, ge=0, lt=1, description="EMA weight on past entropy measurements")
-    eps_low_ref: float | None = Field(
+    release_step: Int | None = Field(None, ge=0, description="stop holding the target after this step")
+    smoothing: Float = Field(0.0, ge=0, lt=1, description="EMA weight on past entropy measurements")
+    eps_low_ref: Float | None = Field(
         None, ge=0, le=1, description="clip_low: eps_low at zero error (default loss.eps_low)"
     )
-    eps_low_min: float = Field(0.02, ge=0, le=1, description="clip_low: lower bound of eps_low")
-    eps_low_max: float = Field(0.4, ge=0, le=1, description="clip_low: upper bound of eps_low")
-    kp: float = Field(1.0, ge=0, description="clip_low: proportional gain (eps_low per unit relative error)")
-    ki: float = Field(0.1, ge=0, description="clip_low: integral gain (per step)")
-    coef_init: float = Field(1e-3, gt=0, description="entropy_bonus: initial coefficient")
-    coef_min: float = Field(
+    eps_low_min: Float = Field(0.02, ge=0, le=1, description="clip_low: lower bound of eps_low")
+    eps_low_max: Float = Field(0.4, ge=0, le=1, description="clip_low: upper bound of eps_low")
+    kp: Float = Field(1.0, ge=0, description="clip_low: proportional gain (eps_low per unit relative error)")
+    ki: Float = Field(0.1, ge=0, description="clip_low: integral gain (per step)")
+    coef_init: Float = Field(1e-3, gt=0, description="entropy_bonus: initial coefficient")
+    coef_min: Float = Field(
         1e-5, gt=0, description="entropy_bonus: smallest coefficient (no windup below it while H > target)"
     )
-    coef_max: float = Field(0.1, gt=0, description="entropy_bonus: largest coefficient")
-    coef_lr: float = Field(
+    coef_max: Float = Field(0.1, gt=0, description="entropy_bonus: largest coefficient")
+    coef_lr: Float = Field(
         0.5, gt=0, description="entropy_bonus: log-coefficient step per unit relative error"
     )
-    cov_fraction: float | None = Field(
+    cov_fraction: Float | None = Field(
         None,
         gt=0,
         le=1,
         description="clip_cov / kl_cov: fraction of a minibatch's valid tokens selected "
         "(default 2e-4 for clip_cov, 2e-3 for kl_cov; at least one token)",
     )
-    cov_lower: float = Field(1.0, description="clip_cov: lower covariance bound of eligible tokens")
-    cov_upper: float = Field(5.0, description="clip_cov: upper covariance bound of eligible tokens")
-    kl_cov_coef: float = Field(1.0, ge=0, description="kl_cov: coefficient of |log r| on selected tokens")
+    cov_lower: Float = Field(1.0, description="clip_cov: lower covariance bound of eligible tokens")
+    cov_upper: Float = Field(5.0, description="clip_cov: upper covariance bound of eligible tokens")
+    kl_cov_coef: Float = Field(1.0, ge=0, description="kl_cov: coefficient of |log r| on selected tokens")
 
     @model_validator(mode="after")
     def _consistent(self) -> ControlConfig:
@@ -200,29 +215,31 @@ class ControlConfig(Section):
 class EvalConfig(Section):
     """Held-out pass@k."""
 
-    every: int = Field(0, ge=0, description="evaluate every N steps (0: never)")
+    every: Int = Field(0, ge=0, description="evaluate every N steps (0: never)")
     reward: str = Field("exact_match", description="reward that decides correctness (reward > 0.5)")
-    prompts: int = Field(32, ge=1, description="held-out prompts")
-    k: int = Field(8, ge=1, description="samples per prompt; pass@1 and unbiased pass@k are reported")
+    prompts: Int = Field(32, ge=1, le=65536, description="held-out prompts")
+    k: Int = Field(
+        8, ge=1, le=1024, description="samples per prompt; pass@1 and unbiased pass@k are reported"
+    )
 
 
 class DiagnosticsConfig(Section):
     """Entropy diagnostics."""
 
-    probe_prompts: int = Field(16, ge=0, description="fixed probe prompts (0: no probe entropy)")
-    probe_samples: int = Field(4, ge=1, description="continuations sampled once per probe prompt")
+    probe_prompts: Int = Field(16, ge=0, le=65536, description="fixed probe prompts (0: no probe entropy)")
+    probe_samples: Int = Field(4, ge=1, le=1024, description="continuations sampled once per probe prompt")
     attribution: bool = Field(True, description="first-order clip attribution (entropy/effect_*)")
-    counterfactual_every: int = Field(0, ge=0, description="counterfactual clip probe every N steps (0: off)")
+    counterfactual_every: Int = Field(0, ge=0, description="counterfactual clip probe every N steps (0: off)")
 
 
 class RunConfig(Section):
     """Where and how long."""
 
     out_dir: str = Field("runs/run", description="run folder")
-    seed: int = Field(0, ge=0, description="fixes data order, sampling and initialisation")
-    steps: int = Field(50, ge=1, description="RL steps (rollout batches)")
-    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
-    threads: int = Field(
+    seed: Int = Field(0, ge=0, le=2**63 - 1, description="fixes data order, sampling and initialisation")
+    steps: Int = Field(50, ge=1, le=10**9, description="RL steps (rollout batches)")
+    checkpoint_every: Int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    threads: Int = Field(
         1, ge=1, le=256, description="torch CPU threads (results are exact per thread count)"
     )
     keep_freed_memory: bool = Field(
@@ -362,7 +379,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+        except OSError as err:
+            raise ConfigError(f"config file cannot be read: {path} ({err.strerror or err})") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

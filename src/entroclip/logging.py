@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
-from entroclip.runio import METRICS_FILE, atomic_write_text
+from entroclip.runio import METRICS_FILE, atomic_write_text, logged_lines
 
 
 def _json_value(value: float) -> float | None:
@@ -17,8 +18,8 @@ def _json_value(value: float) -> float | None:
 class MetricsLogger:
     """Append one JSON object per step to ``RUN/metrics.jsonl`` and mirror it to the optional sinks.
 
-    On resume the file is first cut back to the rows of steps <= ``resume_step`` (rows written after the
-    last checkpoint are replayed by the resumed run), and a truncated last line is dropped.
+    On resume the file is first cut back to the rows of steps 1..``resume_step`` (rows written after the
+    checkpoint are replayed by the resumed run); the trainer resumes only from a checkpoint the log covers.
     """
 
     def __init__(
@@ -50,15 +51,7 @@ class MetricsLogger:
     def _truncate(self, resume_step: int) -> None:
         if not self.path.exists():
             return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if row.get("step", 0) > resume_step:
-                break
-            keep.append(line)
+        keep = logged_lines(self.path.parent)[:resume_step]
         atomic_write_text(self.path, "".join(f"{line}\n" for line in keep))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
@@ -71,6 +64,11 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
+
+    def sync(self) -> None:
+        """Flush the log to disk (before a checkpoint, so that a checkpoint never outlives its rows)."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         self._file.close()

@@ -85,6 +85,25 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def logged_lines(run_dir: str | Path) -> list[str]:
+    """The lines of ``metrics.jsonl`` that log steps 1, 2, ..., k in order: the log up to its first hole,
+    out-of-order step or unparsable line (a run killed mid-write, a cut or edited file). Empty when the
+    file does not exist."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    kept: list[str] = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not isinstance(row, dict) or row.get("step") != len(kept) + 1 or isinstance(row["step"], bool):
+            break
+        kept.append(line)
+    return kept
+
+
 def metric_series(rows: Sequence[Mapping[str, Any]], name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(steps, values)`` of one metric, skipping rows without it (or with ``null``)."""
     pairs = [(row["step"], row[name]) for row in rows if row.get(name) is not None]

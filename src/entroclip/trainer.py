@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +34,13 @@ from transformers import PreTrainedModel
 
 from entroclip.advantages import gae, group_advantages, masked_whiten
 from entroclip.allocator import keep_freed_memory
-from entroclip.checkpoint import CHECKPOINT_DIR, CheckpointError, latest_checkpoint, save_checkpoint
+from entroclip.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    save_checkpoint,
+)
 from entroclip.config import Config, ConfigError, dump_config
 from entroclip.consoles import unwrapped_console
 from entroclip.control import CLIP_COV_FRACTION, KL_COV_FRACTION, ControlAction, make_controller
@@ -50,7 +56,7 @@ from entroclip.entropy import token_entropy, token_stats
 from entroclip.logging import MetricsLogger
 from entroclip.objectives import kl_penalty
 from entroclip.policy.builtin import save_builtin
-from entroclip.policy.loading import format_prompts, load_policy, resolve_gguf
+from entroclip.policy.loading import format_prompts, load_policy
 from entroclip.policy.sampling import (
     Rollout,
     SharedPrompts,
@@ -59,14 +65,26 @@ from entroclip.policy.sampling import (
     sample,
     token_logprobs,
 )
-from entroclip.policy.vllm_backend import VLLMSampler, vllm_available
+from entroclip.policy.vllm_backend import VLLMSampler
+from entroclip.preflight import (
+    check_context_length,
+    check_distributed,
+    check_free_space,
+    check_held_out,
+    check_memory,
+    check_model_source,
+    check_rollout_backend,
+    check_sinks,
+    configured,
+    step_memory_bytes,
+)
 from entroclip.rewards import make_reward, score_batch
-from entroclip.runio import CONFIG_FILE, METRICS_FILE, atomic_write_text
+from entroclip.runio import CONFIG_FILE, METRICS_FILE, atomic_write_text, logged_lines
 from entroclip.tasks import Example, Task, make_task
+from entroclip.trust import check_config_code
 from entroclip.update import CovSettings, StepFunctions, UpdateBatch, UpdateSettings, run_update
 from entroclip.value import ValueHead, terminal_rewards
 
-T = TypeVar("T")
 STREAMS = {"data": 0, "sample": 1, "reward": 2, "shuffle": 3, "probe": 4, "eval": 5}
 PROBE_FILE = "probe.safetensors"
 VALUE_PREFIX = "value_head."
@@ -81,6 +99,18 @@ FINGERPRINT_SECTIONS = (
     "optim",
     "control",
     "diagnostics",
+)
+
+
+#: the trainer state saved in a checkpoint's state.pt besides the optimizer's own
+CHECKPOINT_STATE_KEYS = (
+    "step",
+    "optimizer",
+    "scheduler",
+    "consecutive_skips",
+    "controller",
+    "skipped_total",
+    "tied_weights",
 )
 
 
@@ -105,7 +135,12 @@ def config_fingerprint(config: Config) -> str:
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create (or re-open) a run folder; refuse to clobber an existing one without --overwrite/--resume."""
+    """Create (or re-open) a run folder; refuse to clobber an existing one without --overwrite/--resume.
+
+    A folder left by a run stopped during its set-up (no ``config.yaml`` yet, only set-up files) is
+    replaced by a plain re-run: it holds nothing trained."""
+    if not resume and _is_unstarted_run(run_dir):
+        shutil.rmtree(run_dir)
     if run_dir.exists() and not resume:
         if not overwrite:
             raise ConfigError(
@@ -118,7 +153,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             )
         shutil.rmtree(run_dir)
     if resume and not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"cannot resume: {run_dir / CONFIG_FILE} not found")
+        raise ConfigError(f"cannot resume: {run_dir / CONFIG_FILE} not found{UNSTARTED_HINT}")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write_test"
@@ -132,18 +167,23 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
 RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, PROBE_FILE, CHECKPOINT_DIR, "init_model", "tensorboard")
 
 
+UNSTARTED_HINT = " (a run stopped during its set-up has none: run it again with its config)"
+#: what a run writes before its config.yaml (temporary files of atomic writes start with ".")
+SET_UP_ENTRIES = ("init_model", PROBE_FILE, "tensorboard")
+
+
 def _is_run_folder(path: Path) -> bool:
     return path.is_dir() and (not any(path.iterdir()) or any((path / e).exists() for e in RUN_ENTRIES))
 
 
-def check_free_space(run_dir: Path, need_bytes: int) -> None:
-    """Raise a ConfigError when the run folder's disk has less than ``need_bytes`` free."""
-    free = shutil.disk_usage(run_dir).free
-    if free < need_bytes:
-        raise ConfigError(
-            f"not enough free disk space for run.out_dir {run_dir}: {free / 2**20:.1f} MiB free, "
-            f"a checkpoint needs about {need_bytes / 2**20:.1f} MiB"
-        )
+def _is_unstarted_run(path: Path) -> bool:
+    """A non-empty folder holding only what a run writes before its config.yaml."""
+    if not path.is_dir() or (path / CONFIG_FILE).exists():
+        return False
+    names = [p.name for p in path.iterdir()]
+    temporary = [n for n in names if n == ".write_test" or (n.startswith(".") and n.endswith(".tmp"))]
+    set_up = [n for n in names if n in SET_UP_ENTRIES]
+    return bool(set_up) and len(set_up) + len(temporary) == len(names)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -168,34 +208,56 @@ class Trainer:
         overwrite: bool = False,
         console: Console | None = None,
         ctx: DistContext | None = None,
+        allow_code: bool | None = None,
     ) -> None:
         """Validate everything that can be checked without training, then create (or re-open) the run
         folder: a config that cannot run never leaves a folder behind. Under torchrun (``ctx``), rank 0
-        alone writes the run folder; every rank trains on its share of the prompts."""
+        alone writes the run folder; every rank trains on its share of the prompts. ``allow_code``: whether
+        the config may name tasks and rewards by import path (default: ``ENTROCLIP_ALLOW_CODE=1``)."""
         self.config = config
         self.ctx = ctx or DistContext()
         self.console = console or unwrapped_console(quiet=not self.ctx.is_main)
         self.run_dir = Path(config.run.out_dir)
+        check_config_code(config, allow_code)
         torch.set_num_threads(config.run.threads)
         if config.run.keep_freed_memory:
             keep_freed_memory()
-        self.task: Task = _configured("task", lambda: make_task(config.task.name, **config.task.options))
+        self.task: Task = configured("task", lambda: make_task(config.task.name, **config.task.options))
         if skipped_lines := getattr(self.task, "skipped_lines", 0):
             self.console.print(
                 f"[yellow]warning:[/] skipped {skipped_lines} malformed dataset lines "
                 "(task.options.on_bad_line=skip); counted in data/skipped_lines"
             )
-        self.reward_fn = _configured(
+        self.reward_fn = configured(
             "reward", lambda: make_reward(config.reward.name, **config.reward.options)
         )
-        self.eval_reward_fn = _configured("eval.reward", lambda: make_reward(config.eval.reward))
-        self._check_model_source()
-        self._check_rollout_backend()
-        self._check_distributed()
+        self.eval_reward_fn = configured("eval.reward", lambda: make_reward(config.eval.reward))
+        seed = config.run.seed
+        check_held_out(config, self.task, derive_seed(seed, 0, "probe"), derive_seed(seed, 0, "eval"))
+        check_model_source(config, self.task)
+        check_rollout_backend(config)
+        check_distributed(config, self.ctx.world_size)
+        check_sinks(config)
+        created = self.ctx.is_main and not self.run_dir.exists()
         self._prepare_run_dir(resume, overwrite)
+        try:
+            self._set_up(resume)
+        except BaseException:
+            if created:  # a run that could not start leaves no folder to block the next try
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _set_up(self, resume: bool) -> None:
+        """The policy, optimizer, controller and probe of a run whose folder exists; resumes its state."""
+        config = self.config
         self.fingerprint = config_fingerprint(config)
         self.sharded = config.run.parallel == "fsdp" and self.ctx.enabled
         self.model, self.tokenizer = self._load_initial_policy()
+        check_context_length(config, self.task, self.tokenizer, self.model.config)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        check_memory(
+            step_memory_bytes(config, self.model.config, n_params, self.ctx.world_size), self.ctx.device
+        )
         self.ref_model = self._frozen_copy(self.model) if config.loss.kl.coef > 0 else None
         self.value_head = ValueHead(self.model.config.hidden_size) if config.advantage.kind == "gae" else None
         for module in (self.model, self.ref_model, self.value_head):
@@ -234,27 +296,6 @@ class Trainer:
             )
 
     # ----- set-up -------------------------------------------------------------------------------------
-    def _check_distributed(self) -> None:
-        world = self.ctx.world_size
-        if world == 1:
-            return
-        if self.config.task.prompts_per_step % world:
-            raise ConfigError(
-                f"task.prompts_per_step must be divisible by the number of ranks ({world}), "
-                f"got {self.config.task.prompts_per_step}"
-            )
-        o, per_rank = self.config.optim, self.config.task.prompts_per_step // world
-        units = per_rank if o.group_minibatches else per_rank * self.config.rollout.group_size
-        if o.minibatches > units:
-            raise ConfigError(
-                f"optim.minibatches must be <= the {'prompts' if o.group_minibatches else 'responses'} of "
-                f"one rank ({units} over {world} ranks), got {o.minibatches}"
-            )
-        if self.config.diagnostics.counterfactual_every:
-            raise ConfigError(
-                "diagnostics.counterfactual_every must be 0 under torchrun (single process only)"
-            )
-
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         """Rank 0 prepares the run folder; the other ranks learn whether it could."""
         error = None
@@ -276,15 +317,6 @@ class Trainer:
         sampler.sync_weights(self.model)  # a resumed run starts from its checkpoint
         return sampler
 
-    def _check_rollout_backend(self) -> None:
-        if self.config.rollout.backend != "vllm":
-            return
-        reason = vllm_available()
-        if reason is not None:
-            raise ConfigError(f"rollout.backend=vllm: {reason}; use rollout.backend=hf")
-        if self.config.model.gguf_file is not None:
-            raise ConfigError("rollout.backend=vllm needs model.path or model.builtin, not model.gguf_file")
-
     def _place(self, module: torch.nn.Module) -> None:
         """Move ``module`` to this rank's device, or shard it over the ranks (``run.parallel: fsdp``)."""
         if self.sharded:
@@ -298,20 +330,6 @@ class Trainer:
             return module
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
-    def _check_model_source(self) -> None:
-        m = self.config.model
-        if m.path is not None and not (Path(m.path) / "config.json").is_file():
-            raise ConfigError(f"model.path is not a Hugging Face model folder (no config.json): {m.path}")
-        if m.gguf_file is not None:
-            try:
-                resolve_gguf(m.gguf_file)
-            except FileNotFoundError as err:
-                raise ConfigError(str(err)) from None
-        if m.builtin is not None and self.task.alphabet is None:
-            raise ConfigError(
-                f"model.builtin needs a task with a fixed alphabet; task.name={self.config.task.name!r}"
-            )
 
     def _load_initial_policy(self) -> tuple[PreTrainedModel, Any]:
         m = self.config.model
@@ -349,6 +367,7 @@ class Trainer:
         return 1.0
 
     def _state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights (keys: ``CHECKPOINT_STATE_KEYS``)."""
         return {
             "step": self.step,
             "optimizer": full_optimizer_state(self.optimizer, self.ctx),
@@ -366,12 +385,28 @@ class Trainer:
         state = self._state()
         if not self.ctx.is_main:
             return self.run_dir / CHECKPOINT_DIR
-        return save_checkpoint(self.run_dir, self.step, weights, state, self.fingerprint)
+        run_files = [PROBE_FILE] if (self.run_dir / PROBE_FILE).is_file() else []
+        return save_checkpoint(self.run_dir, self.step, weights, state, self.fingerprint, run_files)
 
     def _restore(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir, self.fingerprint)
+        """Load the newest checkpoint that ``metrics.jsonl`` covers: a log cut, emptied or edited before a
+        later checkpoint's step makes the run replay from an earlier one (or from the start), so the log
+        never has holes."""
+        logged = len(logged_lines(self.run_dir))
+        newest = list_checkpoints(self.run_dir)[-1:]
+        ckpt = latest_checkpoint(self.run_dir, self.fingerprint, up_to_step=logged)
+        if newest and (ckpt is None or ckpt.step < newest[0][0]):
+            start = f"checkpoint step {ckpt.step}" if ckpt is not None else "the start"
+            self.console.print(
+                f"[yellow]warning:[/] {METRICS_FILE} logs steps 1-{logged} only, before checkpoint step "
+                f"{newest[0][0]}: replaying from {start}",
+                highlight=False,
+            )
         if ckpt is None:
             return
+        missing = [k for k in CHECKPOINT_STATE_KEYS if k not in ckpt.state]
+        if missing:
+            raise CheckpointError(f"{ckpt.path}: state.pt lacks {', '.join(missing)}")
         model_weights = {k: v for k, v in ckpt.weights.items() if not k.startswith(VALUE_PREFIX)}
         result = load_full_state_dict(self.model, model_weights, strict=False)
         if result.unexpected_keys or set(result.missing_keys) - set(ckpt.state["tied_weights"]):
@@ -695,6 +730,12 @@ class Trainer:
         }
 
     # ----- the loop ---------------------------------------------------------------------------------
+    def _checkpoint(self, logger: MetricsLogger | None) -> Path:
+        """Sync the log to disk, then save: a checkpoint on disk always has its steps' rows there too."""
+        if logger is not None:
+            logger.sync()
+        return self.save()
+
     def train(
         self, show_progress: bool = True, on_step: Callable[[int, dict[str, float]], None] | None = None
     ) -> Path:
@@ -734,7 +775,7 @@ class Trainer:
                     if on_step is not None:
                         on_step(step, metrics)
                     if self.consecutive_skips >= c.optim.max_skipped_steps:
-                        path = self.save()
+                        path = self._checkpoint(logger)
                         raise TrainingStopped(
                             f"{self.consecutive_skips} consecutive optimizer steps had a non-finite loss or "
                             f"gradient (optim.max_skipped_steps={c.optim.max_skipped_steps}); "
@@ -742,7 +783,7 @@ class Trainer:
                         )
                     every = c.run.checkpoint_every
                     if (every and step % every == 0) or step == c.run.steps:
-                        self.save()
+                        self._checkpoint(logger)
         finally:
             if logger is not None:
                 logger.close()
@@ -761,15 +802,6 @@ def _logp_and_entropy(
 def _entropy(model: PreTrainedModel, rollout: Rollout, temperature: float) -> torch.Tensor:
     """The policy's entropy at the positions that predict the response tokens, ``[B, T]``."""
     return token_entropy(response_logits(model, rollout, temperature))
-
-
-def _configured(section: str, build: Callable[[], T]) -> T:
-    """``build()``, with its ValueError (bad option, missing file, missing module) turned into a ConfigError
-    that names the config section."""
-    try:
-        return build()
-    except (ValueError, TypeError, OSError, ImportError) as err:
-        raise ConfigError(f"{section}: {err}") from None
 
 
 def _write_probe(probe: Rollout, logp: torch.Tensor, path: Path) -> None:

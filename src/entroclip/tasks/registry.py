@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -12,11 +13,28 @@ from entroclip.tasks.base import Task
 T = TypeVar("T")
 
 
-def import_object(path: str) -> Any:
-    """The object named by ``"package.module:attribute"``."""
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def check_import_path(path: str) -> None:
+    """Raise a ValueError unless ``path`` looks like ``"package.module:attribute"`` outside the standard
+    library and the builtins (``os:system``, ``builtins:eval``): a task or reward is the user's own code."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"import path must look like 'package.module:attribute', got {path!r}")
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        raise ValueError(
+            f"import path {path!r} points into the Python standard library ({top!r}); a task or reward "
+            "must come from a module of your own"
+        )
+
+
+def import_object(path: str) -> Any:
+    """The object named by ``"package.module:attribute"`` (see :func:`check_import_path`)."""
+    check_import_path(path)
+    module_name, _, attr = path.partition(":")
     module = importlib.import_module(module_name)
     try:
         return getattr(module, attr)
@@ -70,7 +88,7 @@ class Registry(Generic[T]):
         """The registered factory, or the object an unregistered ``"module:attr"`` name points to."""
         entry = self._entries.get(name)
         if entry is None:
-            if ":" not in name:
+            if not is_import_path(name):
                 raise ValueError(
                     f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}, "
                     "or an import path 'package.module:attribute'"
