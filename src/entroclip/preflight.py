@@ -5,7 +5,6 @@ with one line before it trains (and, for the checks that need no model, before i
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 from entroclip.config import Config, ConfigError
 from entroclip.policy.loading import format_prompts, resolve_gguf
 from entroclip.policy.vllm_backend import vllm_available
+from entroclip.resources import available_memory, format_bytes
 from entroclip.tasks import Task
 
 T = TypeVar("T")
@@ -101,12 +101,6 @@ def check_sinks(config: Config) -> None:
         raise ConfigError("run.wandb_project is set but wandb is not installed: pip install wandb")
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes in MiB or GiB with three significant digits (``2.49 MiB``)."""
-    unit, scale = ("GiB", 2**30) if n >= 2**30 else ("MiB", 2**20)
-    return f"{n / scale:.3g} {unit}"
-
-
 def check_free_space(run_dir: Path, need_bytes: int) -> None:
     """Raise a ConfigError when the run folder's disk has less than ``need_bytes`` free."""
     free = shutil.disk_usage(run_dir).free
@@ -155,23 +149,6 @@ def step_memory_bytes(config: Config, model_config: PretrainedConfig, n_params: 
         max(batch, eval_batch) * (vocab + 2 * layers * hidden * tokens),  # generation: logits + KV cache
     )
     return _F32 * (4 * n_params + passes)
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Free memory of ``device`` in bytes (CPU: the kernel's MemAvailable), or None when unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
 
 
 def check_memory(need_bytes: int, device: torch.device) -> None:

@@ -99,10 +99,13 @@ class DigitTask(ProceduralTask):
 
     digits: int = 2
     eval_fraction: float = 0.1
+    #: Python converts integers of at most 4,300 digits to text; a product has up to twice the digits
+    MAX_DIGITS = 1000
 
     def __post_init__(self) -> None:
-        if not isinstance(self.digits, int) or isinstance(self.digits, bool) or self.digits < 1:
-            raise ValueError(f"digits must be an int >= 1, got {self.digits!r}")
+        d = self.digits
+        if not isinstance(d, int) or isinstance(d, bool) or not 1 <= d <= self.MAX_DIGITS:
+            raise ValueError(f"digits must be an int in [1, {self.MAX_DIGITS}], got {d!r}")
         check_eval_fraction(self.eval_fraction)
 
 

@@ -24,6 +24,7 @@ from rich.table import Table
 
 from entroclip.allocator import keep_freed_memory
 from entroclip.consoles import unwrapped_console
+from entroclip.resources import available_memory, format_bytes
 from entroclip.theory import plots
 from entroclip.theory.phase import balance_eps_low, balance_runs, phase_diagram
 from entroclip.theory.policies import initial_logits
@@ -158,6 +159,7 @@ class LabOptions:
 
     def logits(self, generator: torch.Generator) -> torch.Tensor:
         """Initial logits ``[contexts, n]`` (a Dirichlet policy draws from ``generator``)."""
+        self.check_memory()
         try:
             return initial_logits(
                 self.init,
@@ -172,6 +174,19 @@ class LabOptions:
             raise typer.BadParameter(
                 str(error), param_hint="'--init' / '--entropy' / '--dirichlet-alpha'"
             ) from None
+
+    def check_memory(self) -> None:
+        """Refuse policies that cannot fit in memory, with the estimate: the seeds' logits and, at most,
+        about eight more arrays of their size (probabilities, gradient, Adam's moments, a step's
+        temporaries)."""
+        need = 9 * self.seeds * self.contexts * self.n * getattr(torch, self.dtype).itemsize
+        free = available_memory(torch.device("cpu"))
+        if free is not None and need > free:
+            raise typer.BadParameter(
+                f"{self.seeds} seeds x {self.contexts} contexts x {self.n} actions need about "
+                f"{format_bytes(need)} of memory and {format_bytes(free)} is free",
+                param_hint="'--seeds' / '--contexts' / '--n'",
+            )
 
     def generator(self) -> torch.Generator:
         """The experiment's one random stream: the initial policy first, then the simulation."""
