@@ -29,7 +29,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from transformers import PreTrainedModel
 
 from entroclip.advantages import gae, group_advantages, masked_whiten
@@ -79,7 +79,7 @@ from entroclip.preflight import (
     step_memory_bytes,
 )
 from entroclip.rewards import make_reward, score_batch
-from entroclip.runio import CONFIG_FILE, METRICS_FILE, atomic_write_text, logged_lines
+from entroclip.runio import CONFIG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_text, logged_lines
 from entroclip.tasks import Example, Task, make_task
 from entroclip.trust import check_config_code
 from entroclip.update import CovSettings, StepFunctions, UpdateBatch, UpdateSettings, run_update
@@ -813,9 +813,7 @@ def _write_probe(probe: Rollout, logp: torch.Tensor, path: Path) -> None:
         "logp": logp,
         "prompt_len": torch.tensor(probe.prompt_len),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(path)
+    atomic_write_bytes(path, save({k: v.cpu() for k, v in tensors.items()}))
 
 
 def _progress_info(m: dict[str, float]) -> str:
