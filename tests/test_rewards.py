@@ -287,3 +287,33 @@ def test_forked_child_starts_its_own_workers():
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as executor:
         assert executor.submit(score_hang_and_value, 0).result(timeout=60) == [0.0, 8.0]
     assert score_hang_and_value(0) == [0.0, 8.0]
+
+
+SLOW_TO_LOAD = """
+import time
+
+time.sleep(2.0)  # a reward whose imports are slow, like torch or sympy
+
+
+def hang_or_value(completion, example):
+    if completion == "hang":
+        time.sleep(60)
+    return float(completion)
+"""
+
+
+def test_time_outs_cost_the_time_limit_not_a_worker_start(tmp_path, monkeypatch):
+    (tmp_path / "slow_to_load_reward.py").write_text(SLOW_TO_LOAD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = make_reward("slow_to_load_reward:hang_or_value")
+    # Loading the reward (2 s) does not count against a sample: a 0.5 s limit is enough for the first one.
+    assert score_batch(reward, ["1"], [EX], timeout_s=0.5, seed=0, workers=2).rewards.tolist() == [1.0]
+    n, workers, timeout_s = 8, 2, 0.5
+    start = time.monotonic()
+    result = score_batch(reward, ["hang"] * n, [EX] * n, timeout_s=timeout_s, seed=0, workers=workers)
+    elapsed = time.monotonic() - start
+    assert result.timeouts == n and result.rewards.tolist() == [0.0] * n
+    # Replacing a killed worker must not load the reward again (here 2 s for each of the n time-outs).
+    assert elapsed < math.ceil(n / workers) * timeout_s + 3, elapsed
+    again = score_batch(reward, ["2", "3"], [EX] * 2, timeout_s=0.5, seed=0, workers=2)
+    assert again.rewards.tolist() == [2.0, 3.0] and again.errors == 0
