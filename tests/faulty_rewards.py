@@ -17,6 +17,8 @@ def fails(completion: str) -> bool:
 
 
 def faulty(completion: str, example: object, *, mode: str) -> float:
+    if mode == "always_raise":
+        raise RuntimeError("this reward always crashes")
     if not fails(completion):
         return 1.0
     if mode == "ok":

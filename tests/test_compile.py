@@ -16,7 +16,8 @@ from entroclip.config import load_config
 from entroclip.policy.builtin import save_builtin
 from entroclip.policy.loading import load_policy
 from entroclip.policy.sampling import sample
-from entroclip.trainer import Trainer, config_fingerprint
+from entroclip.runio import config_fingerprint
+from entroclip.trainer import Trainer
 from entroclip.update import StepFunctions, UpdateBatch, UpdateSettings, run_update
 
 ALPHABET = "0123456789+="

@@ -30,7 +30,8 @@ from entroclip.checkpoint import list_checkpoints, load_checkpoint
 from entroclip.cli import app
 from entroclip.config import load_config
 from entroclip.rewards import close_workers
-from entroclip.trainer import Trainer, config_fingerprint
+from entroclip.runio import config_fingerprint
+from entroclip.trainer import Trainer
 
 runner = CliRunner()
 

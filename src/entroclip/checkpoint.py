@@ -24,7 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-CHECKPOINT_DIR = "checkpoints"
+from entroclip.runio import CHECKPOINT_DIR
+
 CHECKPOINT_FILES = ("model.safetensors", "state.pt")
 _NAME = re.compile(r"^step_(\d{6,})$")
 #: a file directly in the run folder

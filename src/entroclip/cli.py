@@ -37,13 +37,18 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="continue the run in this folder")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    allow_code: Annotated[
+        bool, typer.Option(help="let the config name tasks and rewards by import path (runs their code)")
+    ] = False,
 ) -> None:
     """Train a policy with the clipped objective and log entropy diagnostics to a run folder."""
     from entroclip.checkpoint import CheckpointError
     from entroclip.config import ConfigError, load_config
     from entroclip.distributed import init_distributed, shutdown
-    from entroclip.runio import CONFIG_FILE
+    from entroclip.rewards import RewardsFailing
+    from entroclip.runio import CONFIG_FILE, UNSTARTED_HINT
     from entroclip.trainer import Trainer, TrainingStopped
+    from entroclip.trust import allow_code as allow_code_in_this_process
 
     overrides = list(set_ or [])
     if resume is not None:
@@ -51,14 +56,18 @@ def train(
             raise fail(
                 "give either CONFIG or --resume DIR, not both (a resumed run uses its own config.yaml)"
             )
+        if out is not None:
+            raise fail("give either --resume DIR or --out DIR, not both (a run resumes in its own folder)")
         config = resume / CONFIG_FILE
         if not config.is_file():
-            raise fail(f"cannot resume: {config} not found")
+            raise fail(f"cannot resume: {config} not found{UNSTARTED_HINT}")
         overrides.append(f"run.out_dir={resume}")
     if config is None:
         raise fail("missing CONFIG (or --resume DIR)")
     if out is not None:
         overrides.append(f"run.out_dir={out}")
+    if allow_code:
+        allow_code_in_this_process()
     try:
         cfg = load_config(config, overrides)
         ctx = init_distributed()
@@ -68,7 +77,7 @@ def train(
         shutdown(ctx)
     except (ConfigError, CheckpointError) as err:
         raise fail(str(err)) from None
-    except TrainingStopped as err:
+    except (TrainingStopped, RewardsFailing) as err:
         raise fail(str(err), code=1) from None
     except OSError as err:  # e.g. the disk filled up during training; checkpoints already written stay valid
         raise fail(f"{err} (resume from the last checkpoint with --resume once fixed)", code=1) from None
@@ -77,27 +86,36 @@ def train(
 
 @app.command()
 def sft(
-    out: Annotated[Path, typer.Option(help="folder for the fine-tuned model")] = Path("runs/sft"),
-    model: Annotated[str, typer.Option(help="built-in model name or local model folder")] = "tiny-0.1m",
+    out: Annotated[
+        Path, typer.Option(help="folder for the fine-tuned model: new, empty, or an earlier sft output")
+    ] = Path("runs/sft"),
+    model: Annotated[
+        str, typer.Option(help="built-in model name or local Hugging Face model folder (with config.json)")
+    ] = "tiny-0.1m",
     task: Annotated[str, typer.Option(help="task with answers")] = "addition",
     options: Annotated[
         str, typer.Option(help="task options as a YAML mapping, e.g. '{dataset: basic_arithmetic}'")
     ] = "{}",
-    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 600,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    lr: Annotated[float, typer.Option(min=0.0)] = 3e-3,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
-    eval_prompts: Annotated[int, typer.Option(min=1, help="held-out prompts for the accuracy")] = 256,
-    threads: Annotated[int, typer.Option(min=1)] = 1,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 600,
+    batch_size: Annotated[int, typer.Option(help="examples per optimizer step")] = 64,
+    lr: Annotated[
+        float, typer.Option(help="peak learning rate, in (0, 1] (warm-up, then cosine decay)")
+    ] = 3e-3,
+    seed: Annotated[int, typer.Option(help="seed of the initialisation, data order and evaluation")] = 0,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts for the accuracy")] = 256,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (at most the CPU count)")] = 1,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier sft output in --out")] = False,
 ) -> None:
     """Supervised warm-up of a small model on a task with answers (about a minute for tiny-0.1m)."""
+    import os
+
     import torch
     import yaml
+    from safetensors import SafetensorError
 
-    from entroclip.sft import SFTSettings, supervised_warmup
+    from entroclip.sft import SFTSettings, check_range, supervised_warmup
     from entroclip.tasks import make_task
 
-    torch.set_num_threads(threads)
     try:
         task_options = yaml.safe_load(options)
     except yaml.YAMLError as err:
@@ -105,11 +123,15 @@ def sft(
     if not isinstance(task_options, dict):
         raise fail(f"--options must be a YAML mapping of task options, got {options!r}")
     try:
-        task_obj = make_task(task, **task_options)
+        check_range("--threads", threads, 1, os.cpu_count() or 1)
+        torch.set_num_threads(threads)
         settings = SFTSettings(steps, batch_size, lr, seed=seed, eval_prompts=eval_prompts)
-        summary = supervised_warmup(task_obj, model, out, settings, console)
+        task_obj = make_task(task, **task_options)
+        summary = supervised_warmup(task_obj, model, out, settings, console, overwrite=overwrite)
     except (ValueError, TypeError, ImportError) as err:
         raise fail(str(err)) from None
+    except (OSError, RuntimeError, SafetensorError) as err:  # e.g. a full disk; --out is left as it was
+        raise fail(f"{err} (nothing was saved; run sft again once fixed)", code=1) from None
     console.print(
         f"saved {out}: held-out accuracy {summary['accuracy']:.2%}, final loss {summary['final_loss']:.3f}"
     )
@@ -134,22 +156,28 @@ def report(
 def sweep(
     config: Annotated[Path, typer.Argument(help="base YAML config")],
     grid: Annotated[
-        list[str] | None, typer.Option(help="axis: section.key=v1,v2,... (product of all axes)")
+        list[str] | None, typer.Option(help="axis section.key=v1,v2 (runs cover the product of all axes)")
     ] = None,
     setting: Annotated[
-        list[str] | None, typer.Option(help="named setting: LABEL:section.key=value;section.key=value")
+        list[str] | None,
+        typer.Option(
+            help="named setting LABEL:OVERRIDES, OVERRIDES being section.key=value items joined by ';'"
+        ),
     ] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override for every run")] = None,
-    seeds: Annotated[int, typer.Option(min=1, help="seeds per setting (0..N-1)")] = 3,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override section.key=value for every run")
+    ] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="seeds per setting (seeds 0 to N-1)")] = 3,
     out: Annotated[Path, typer.Option(help="sweep folder")] = Path("runs/sweep"),
-    workers: Annotated[int, typer.Option(min=1, help="parallel runs")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="runs in parallel")] = 2,
     baseline: Annotated[
-        str | None, typer.Option(help="label of the setting others are tested against")
+        str | None, typer.Option(help="label of the setting the others are tested against")
     ] = None,
     resume: Annotated[
         bool,
-        typer.Option(help="continue runs already in --out from their checkpoints (finished runs are kept)"),
+        typer.Option(help="continue the runs in --out from their checkpoints (finished runs are kept)"),
     ] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing sweep folder")] = False,
     hold_after: Annotated[
         int, typer.Option(min=0, help="steps before a controller's hold error counts (warm-up)")
     ] = 20,
@@ -157,7 +185,14 @@ def sweep(
     """Run a grid of settings x seeds, then write summary.json, report.md and overlaid plots."""
     from entroclip.config import ConfigError, load_config
     from entroclip.report import write_study_report
-    from entroclip.study import grid_settings, named_setting, plan_runs, run_study
+    from entroclip.study import (
+        StudyFailed,
+        grid_settings,
+        named_setting,
+        plan_runs,
+        prepare_sweep_dir,
+        run_study,
+    )
 
     try:
         settings = grid_settings(grid or []) + [named_setting(s) for s in setting or []]
@@ -167,12 +202,28 @@ def sweep(
         if baseline is not None and baseline not in labels:
             raise ValueError(f"--baseline must be one of {labels}, got {baseline!r}")
         plan = plan_runs(load_config(config, list(set_ or [])), settings, list(range(seeds)), out)
+        prepare_sweep_dir(out, resume=resume, overwrite=overwrite)
     except (ConfigError, ValueError) as err:
         raise fail(str(err)) from None
-    groups = run_study(plan, workers=workers, console=console, resume=resume)
-    report = write_study_report(
-        groups, out, title=f"Sweep of {config}", baseline=baseline, hold_after=hold_after
-    )
+    except OSError as err:  # --overwrite could not delete the old sweep folder
+        raise fail(str(err), code=1) from None
+    try:
+        groups = run_study(plan, workers=workers, console=console, resume=resume)
+        report = write_study_report(
+            groups, out, title=f"Sweep of {config}", baseline=baseline, hold_after=hold_after
+        )
+    except StudyFailed as err:
+        raise fail(
+            f"{len(err.failed)} of {err.total} runs failed (listed above), the others are kept: fix the "
+            "cause and run the sweep again with --resume",
+            code=1,
+        ) from None
+    except KeyboardInterrupt:
+        raise fail(
+            "interrupted: queued runs cancelled and running ones stopped; run the same sweep with --resume "
+            "to continue from their checkpoints",
+            code=130,
+        ) from None
     console.print(f"report: {report}")
 
 

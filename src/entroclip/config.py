@@ -77,6 +77,13 @@ class RewardConfig(Section):
     )
     options: dict[str, Any] = Field(default_factory=dict, description="keyword options of the reward")
     timeout_s: Float = Field(5.0, gt=0, le=3600, description="per-sample timeout; a timeout gives reward 0")
+    max_failed_steps: Int = Field(
+        3,
+        ge=1,
+        le=10**6,
+        description="stop the run (exit 1) after this many consecutive steps in which the reward failed on "
+        "every sample (an exception, a time-out or a non-finite value): all-zero rewards teach nothing",
+    )
 
 
 class RolloutConfig(Section):

@@ -1,4 +1,5 @@
-"""Run folders on disk: reading ``config.yaml`` and ``metrics.jsonl``, and writing files atomically.
+"""Run folders on disk: creating them, reading ``config.yaml`` and ``metrics.jsonl``, writing files
+atomically, and what makes a run reproducible across a resume (its seeds and config fingerprint).
 
 A run folder holds ``config.yaml`` (the resolved config, a nested mapping), ``metrics.jsonl`` (one JSON
 object per step with an integer ``step`` and float metrics; ``null`` marks a non-finite value) and
@@ -8,8 +9,10 @@ line of ``metrics.jsonl`` may be truncated and is then ignored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,8 +22,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from entroclip.config import Config, ConfigError
+
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
 
 
 class RunFolderError(ValueError):
@@ -169,3 +175,88 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """``atomic_write_bytes`` for UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+STREAMS = {"data": 0, "sample": 1, "reward": 2, "shuffle": 3, "probe": 4, "eval": 5}
+PROBE_FILE = "probe.safetensors"
+#: config sections that must not change when a run is resumed
+FINGERPRINT_SECTIONS = (
+    "model",
+    "task",
+    "reward",
+    "rollout",
+    "advantage",
+    "loss",
+    "optim",
+    "control",
+    "diagnostics",
+)
+
+
+def derive_seed(seed: int, step: int, stream: str) -> int:
+    """An independent 63-bit seed for each (run seed, step, stream)."""
+    return int(np.random.SeedSequence([seed, step, STREAMS[stream]]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def config_fingerprint(config: Config) -> str:
+    """A short hash of the config fields that must not change across a resume.
+
+    Fields at their default value are left out, so a field that a later version adds (with a default)
+    does not make the checkpoints of earlier runs incompatible.
+    """
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    kept = {k: data.get(k, {}) for k in FINGERPRINT_SECTIONS} | {"seed": config.run.seed}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Create (or re-open) a run folder; refuse to clobber an existing one without --overwrite/--resume.
+
+    A folder left by a run stopped during its set-up (no ``config.yaml`` yet, only set-up files) is
+    replaced by a plain re-run: it holds nothing trained."""
+    if not resume and is_unstarted_run(run_dir):
+        shutil.rmtree(run_dir)
+    if run_dir.exists() and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"run.out_dir already exists: {run_dir} (use --resume to continue or --overwrite)"
+            )
+        if not is_run_folder(run_dir):
+            raise ConfigError(
+                f"--overwrite refuses to delete {run_dir}: not an entroclip run folder "
+                f"(none of {', '.join(RUN_ENTRIES)} in it)"
+            )
+        shutil.rmtree(run_dir)
+    if resume and not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"cannot resume: {run_dir / CONFIG_FILE} not found{UNSTARTED_HINT}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"x" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run.out_dir is not writable: {run_dir} ({err.strerror or err})") from None
+
+
+#: what a run folder holds; --overwrite deletes only folders that are empty or hold one of these
+RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, PROBE_FILE, CHECKPOINT_DIR, "init_model", "tensorboard")
+
+
+UNSTARTED_HINT = " (a run stopped during its set-up has none: run it again with its config)"
+#: what a run writes before its config.yaml (temporary files of atomic writes start with ".")
+SET_UP_ENTRIES = ("init_model", PROBE_FILE, "tensorboard")
+
+
+def is_run_folder(path: Path) -> bool:
+    """An empty folder, or one holding a run's files: what --overwrite may delete."""
+    return path.is_dir() and (not any(path.iterdir()) or any((path / e).exists() for e in RUN_ENTRIES))
+
+
+def is_unstarted_run(path: Path) -> bool:
+    """A non-empty folder holding only what a run writes before its config.yaml."""
+    if not path.is_dir() or (path / CONFIG_FILE).exists():
+        return False
+    names = [p.name for p in path.iterdir()]
+    temporary = [n for n in names if n == ".write_test" or (n.startswith(".") and n.endswith(".tmp"))]
+    set_up = [n for n in names if n in SET_UP_ENTRIES]
+    return bool(set_up) and len(set_up) + len(temporary) == len(names)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -35,7 +33,6 @@ from transformers import PreTrainedModel
 from entroclip.advantages import gae, group_advantages, masked_whiten
 from entroclip.allocator import keep_freed_memory
 from entroclip.checkpoint import (
-    CHECKPOINT_DIR,
     CheckpointError,
     latest_checkpoint,
     list_checkpoints,
@@ -78,29 +75,31 @@ from entroclip.preflight import (
     configured,
     step_memory_bytes,
 )
-from entroclip.rewards import make_reward, score_batch
-from entroclip.runio import CONFIG_FILE, METRICS_FILE, atomic_write_bytes, atomic_write_text, logged_lines
+from entroclip.rewards import (
+    RewardFailureMonitor,
+    RewardResult,
+    RewardsFailing,
+    make_reward,
+    score_batch,
+)
+from entroclip.runio import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PROBE_FILE,
+    atomic_write_bytes,
+    atomic_write_text,
+    config_fingerprint,
+    derive_seed,
+    logged_lines,
+    prepare_run_dir,
+)
 from entroclip.tasks import Example, Task, make_task
 from entroclip.trust import check_config_code
 from entroclip.update import CovSettings, StepFunctions, UpdateBatch, UpdateSettings, run_update
 from entroclip.value import ValueHead, terminal_rewards
 
-STREAMS = {"data": 0, "sample": 1, "reward": 2, "shuffle": 3, "probe": 4, "eval": 5}
-PROBE_FILE = "probe.safetensors"
 VALUE_PREFIX = "value_head."
-#: config sections that must not change when a run is resumed
-FINGERPRINT_SECTIONS = (
-    "model",
-    "task",
-    "reward",
-    "rollout",
-    "advantage",
-    "loss",
-    "optim",
-    "control",
-    "diagnostics",
-)
-
 
 #: the trainer state saved in a checkpoint's state.pt besides the optimizer's own
 CHECKPOINT_STATE_KEYS = (
@@ -116,74 +115,6 @@ CHECKPOINT_STATE_KEYS = (
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many consecutive non-finite steps); a checkpoint was written."""
-
-
-def derive_seed(seed: int, step: int, stream: str) -> int:
-    """An independent 63-bit seed for each (run seed, step, stream)."""
-    return int(np.random.SeedSequence([seed, step, STREAMS[stream]]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def config_fingerprint(config: Config) -> str:
-    """A short hash of the config fields that must not change across a resume.
-
-    Fields at their default value are left out, so a field that a later version adds (with a default)
-    does not make the checkpoints of earlier runs incompatible.
-    """
-    data = config.model_dump(mode="json", exclude_defaults=True)
-    kept = {k: data.get(k, {}) for k in FINGERPRINT_SECTIONS} | {"seed": config.run.seed}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Create (or re-open) a run folder; refuse to clobber an existing one without --overwrite/--resume.
-
-    A folder left by a run stopped during its set-up (no ``config.yaml`` yet, only set-up files) is
-    replaced by a plain re-run: it holds nothing trained."""
-    if not resume and _is_unstarted_run(run_dir):
-        shutil.rmtree(run_dir)
-    if run_dir.exists() and not resume:
-        if not overwrite:
-            raise ConfigError(
-                f"run.out_dir already exists: {run_dir} (use --resume to continue or --overwrite)"
-            )
-        if not _is_run_folder(run_dir):
-            raise ConfigError(
-                f"--overwrite refuses to delete {run_dir}: not an entroclip run folder "
-                f"(none of {', '.join(RUN_ENTRIES)} in it)"
-            )
-        shutil.rmtree(run_dir)
-    if resume and not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"cannot resume: {run_dir / CONFIG_FILE} not found{UNSTARTED_HINT}")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"x" * 4096)
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"run.out_dir is not writable: {run_dir} ({err.strerror or err})") from None
-
-
-#: what a run folder holds; --overwrite deletes only folders that are empty or hold one of these
-RUN_ENTRIES = (CONFIG_FILE, METRICS_FILE, PROBE_FILE, CHECKPOINT_DIR, "init_model", "tensorboard")
-
-
-UNSTARTED_HINT = " (a run stopped during its set-up has none: run it again with its config)"
-#: what a run writes before its config.yaml (temporary files of atomic writes start with ".")
-SET_UP_ENTRIES = ("init_model", PROBE_FILE, "tensorboard")
-
-
-def _is_run_folder(path: Path) -> bool:
-    return path.is_dir() and (not any(path.iterdir()) or any((path / e).exists() for e in RUN_ENTRIES))
-
-
-def _is_unstarted_run(path: Path) -> bool:
-    """A non-empty folder holding only what a run writes before its config.yaml."""
-    if not path.is_dir() or (path / CONFIG_FILE).exists():
-        return False
-    names = [p.name for p in path.iterdir()]
-    temporary = [n for n in names if n == ".write_test" or (n.startswith(".") and n.endswith(".tmp"))]
-    set_up = [n for n in names if n in SET_UP_ENTRIES]
-    return bool(set_up) and len(set_up) + len(temporary) == len(names)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -277,6 +208,7 @@ class Trainer:
         self.step = 0
         self.consecutive_skips = 0
         self.controller = make_controller(config.control, config.loss)
+        self.reward_monitor = RewardFailureMonitor(config.reward.max_failed_steps)
         self.skipped_total = 0
         if resume:
             self._restore()
@@ -375,6 +307,7 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "controller": self.controller.state_dict(),
             "skipped_total": self.skipped_total,
+            "reward_monitor": self.reward_monitor.state_dict(),
         }
 
     def save(self) -> Path:
@@ -425,6 +358,8 @@ class Trainer:
         self.consecutive_skips = ckpt.state["consecutive_skips"]
         self.skipped_total = ckpt.state["skipped_total"]
         self.controller.load_state_dict(ckpt.state["controller"])
+        if "reward_monitor" in ckpt.state:  # absent from checkpoints of earlier versions
+            self.reward_monitor.load_state_dict(ckpt.state["reward_monitor"])
         self.console.print(f"resumed from {ckpt.path} (step {self.step})")
 
     # ----- data -------------------------------------------------------------------------------------
@@ -540,6 +475,7 @@ class Trainer:
             timeout_s=c.reward.timeout_s,
             seed=derive_seed(seed, step, "reward") + ctx.rank,
         )
+        self._watch_rewards(step, scored)
         rewards = scored.rewards.to(ctx.device)
         t2 = time.perf_counter()
         mask = rollout.response_mask
@@ -593,6 +529,20 @@ class Trainer:
         advantages, returns = gae(token_rewards, old_values, mask, c.advantage.gamma, c.advantage.lam)
         advantages = masked_whiten(advantages, mask)
         return UpdateBatch(rollout, advantages, logp_old, ref_for_loss, old_values, returns), metrics
+
+    def _watch_rewards(self, step: int, scored: RewardResult) -> None:
+        """Warn about new kinds of reward failure; stop (on every rank) once a rank's rewards have failed
+        on every sample for ``reward.max_failed_steps`` steps in a row."""
+        failing = None
+        try:
+            for line in self.reward_monitor.observe(step, scored):
+                self.console.print(f"[yellow]warning:[/] {line}", highlight=False)
+        except RewardsFailing as err:
+            failing = err
+        if self.ctx.sum([float(failing is not None)])[0] > 0:
+            raise failing or RewardsFailing(
+                f"the reward failed on every sample of another rank (step {step})"
+            )
 
     def _global_means(
         self, sums: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]
