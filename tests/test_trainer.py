@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from entroclip.cli import app
 from entroclip.config import load_config
 from entroclip.policy.loading import load_policy
-from entroclip.trainer import Trainer, pass_at_k
+from entroclip.rl.evaluate import pass_at_k
+from entroclip.trainer import Trainer
 
 SMALL = [
     "task.prompts_per_step=4",

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import (
@@ -27,10 +25,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors.torch import load_file, save
 from transformers import PreTrainedModel
 
-from entroclip.advantages import gae, group_advantages, masked_whiten
 from entroclip.allocator import keep_freed_memory
 from entroclip.checkpoint import (
     CheckpointError,
@@ -49,18 +45,11 @@ from entroclip.distributed import (
     load_optimizer_state,
     shard_module,
 )
-from entroclip.entropy import token_entropy, token_stats
 from entroclip.logging import MetricsLogger
-from entroclip.objectives import kl_penalty
 from entroclip.policy.builtin import save_builtin
-from entroclip.policy.loading import format_prompts, load_policy
+from entroclip.policy.loading import load_policy
 from entroclip.policy.sampling import (
     Rollout,
-    SharedPrompts,
-    response_logits,
-    response_logits_and_hidden,
-    sample,
-    token_logprobs,
 )
 from entroclip.policy.vllm_backend import VLLMSampler
 from entroclip.preflight import (
@@ -76,28 +65,28 @@ from entroclip.preflight import (
     step_memory_bytes,
 )
 from entroclip.rewards import (
-    RewardFailureMonitor,
-    RewardResult,
-    RewardsFailing,
     make_reward,
-    score_batch,
 )
+from entroclip.rl.evaluate import pass_metrics
+from entroclip.rl.optim import make_optimizer, make_scheduler, trainable_parameters
+from entroclip.rl.passes import compiled_passes, response_entropy, response_logp
+from entroclip.rl.probe import masked_mean, read_probe, write_probe
+from entroclip.rl.rollout import Collector, Policies, Sampler
 from entroclip.runio import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
     METRICS_FILE,
     PROBE_FILE,
-    atomic_write_bytes,
     atomic_write_text,
     config_fingerprint,
     derive_seed,
     logged_lines,
     prepare_run_dir,
 )
-from entroclip.tasks import Example, Task, make_task
+from entroclip.tasks import Task, make_task
 from entroclip.trust import check_config_code
 from entroclip.update import CovSettings, StepFunctions, UpdateBatch, UpdateSettings, run_update
-from entroclip.value import ValueHead, terminal_rewards
+from entroclip.value import ValueHead
 
 VALUE_PREFIX = "value_head."
 
@@ -115,17 +104,6 @@ CHECKPOINT_STATE_KEYS = (
 
 class TrainingStopped(RuntimeError):
     """The run stopped on purpose (e.g. too many consecutive non-finite steps); a checkpoint was written."""
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct (Chen et al. 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((values * mask).sum() / mask.sum().clamp(min=1))
 
 
 class Trainer:
@@ -194,31 +172,27 @@ class Trainer:
         for module in (self.model, self.ref_model, self.value_head):
             if module is not None:
                 self._place(module)
-        params = self._trainable_parameters(self.model, self.value_head)
+        params = trainable_parameters(self.model, self.value_head)
         # weights and the two AdamW moments, plus room for metrics and events
         check_free_space(self.run_dir, 3 * sum(p.numel() * p.element_size() for p in params) + 2**20)
-        self.optimizer = torch.optim.AdamW(
-            self._trainable_parameters(self.model, self.value_head),
-            lr=config.optim.lr,
-            betas=config.optim.betas,
-            weight_decay=config.optim.weight_decay,
-            fused=True,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.optimizer = make_optimizer(params, config)
+        self.scheduler = make_scheduler(self.optimizer, config)
         self.step = 0
         self.consecutive_skips = 0
         self.controller = make_controller(config.control, config.loss)
-        self.reward_monitor = RewardFailureMonitor(config.reward.max_failed_steps)
+        self.sampler = Sampler(self.tokenizer, config)
+        self.collector = Collector(config, self.task, self.reward_fn, self.sampler, self.ctx, self.console)
         self.skipped_total = 0
         if resume:
             self._restore()
-        self.vllm = self._vllm_sampler()
+        self.vllm = self.sampler.vllm = self._vllm_sampler()
         self.train_model = self._data_parallel(self.model)
         self.train_value_head = self._data_parallel(self.value_head) if self.value_head is not None else None
         # on a CPU, a C++ wrapper around inductor's kernels spares their Python calls (tiny-0.1m: the
         # compiled step about 7% faster, for a few more seconds of compilation)
         cpp_wrapper = {"cpp_wrapper": True} if self.ctx.device.type == "cpu" else None
         self.functions = StepFunctions(config.run.compile, options=cpp_wrapper)
+        self.policies = Policies(self.model, self.value_head, self.ref_model, self.functions)
         self.probe = self._load_or_make_probe()
         self._probe_cache: float | None = None
         if config.on_policy:
@@ -275,28 +249,10 @@ class Trainer:
         return load_policy(m.path, m.gguf_file, dtype=dtype)
 
     @staticmethod
-    def _trainable_parameters(
-        model: PreTrainedModel, value_head: ValueHead | None
-    ) -> list[torch.nn.Parameter]:
-        return [*model.parameters(), *(value_head.parameters() if value_head is not None else [])]
-
-    @staticmethod
     def _frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
         ref = copy.deepcopy(model).eval()
         ref.requires_grad_(False)
         return ref
-
-    def _lr_factor(self, optimizer_step: int) -> float:
-        o = self.config.optim
-        total = max(self.config.run.steps * o.epochs * o.minibatches, 1)
-        if optimizer_step < o.warmup_steps:
-            return (optimizer_step + 1) / o.warmup_steps
-        progress = min((optimizer_step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
-        if o.schedule == "linear":
-            return 1.0 - progress
-        if o.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0
 
     def _state(self) -> dict[str, Any]:
         """What a checkpoint holds besides the weights (keys: ``CHECKPOINT_STATE_KEYS``)."""
@@ -307,7 +263,7 @@ class Trainer:
             "consecutive_skips": self.consecutive_skips,
             "controller": self.controller.state_dict(),
             "skipped_total": self.skipped_total,
-            "reward_monitor": self.reward_monitor.state_dict(),
+            "reward_monitor": self.collector.reward_monitor.state_dict(),
         }
 
     def save(self) -> Path:
@@ -359,34 +315,10 @@ class Trainer:
         self.skipped_total = ckpt.state["skipped_total"]
         self.controller.load_state_dict(ckpt.state["controller"])
         if "reward_monitor" in ckpt.state:  # absent from checkpoints of earlier versions
-            self.reward_monitor.load_state_dict(ckpt.state["reward_monitor"])
+            self.collector.reward_monitor.load_state_dict(ckpt.state["reward_monitor"])
         self.console.print(f"resumed from {ckpt.path} (step {self.step})")
 
     # ----- data -------------------------------------------------------------------------------------
-    def _prompts(self, examples: list[Example], repeats: int) -> list[str]:
-        formatted = format_prompts(
-            self.tokenizer, [e.prompt for e in examples], self.config.model.chat_template
-        )
-        return [p for p in formatted for _ in range(repeats)]
-
-    def _sample(
-        self, examples: list[Example], repeats: int, seed: int, model: PreTrainedModel | None = None
-    ) -> Rollout:
-        r = self.config.rollout
-        if self.vllm is not None and model is None:
-            return self.vllm.sample(
-                self._prompts(examples, repeats), r.max_new_tokens, r.temperature, r.top_p, seed
-            )
-        return sample(
-            model or self.model,
-            self.tokenizer,
-            self._prompts(examples, repeats),
-            r.max_new_tokens,
-            r.temperature,
-            r.top_p,
-            seed=seed,
-        )
-
     def _load_or_make_probe(self) -> Rollout | None:
         """The fixed probe set: prompts with continuations sampled once from the initial policy and their
         log-probs under it, written by rank 0 to ``RUN/probe.safetensors`` and read from there by every
@@ -398,30 +330,14 @@ class Trainer:
         path = self.run_dir / PROBE_FILE
         if self.ctx.broadcast_flag(not path.is_file()) and (self.ctx.is_main or self.sharded):
             seed = derive_seed(self.config.run.seed, 0, "probe")
-            probe = self._sample(self.task.eval_examples(d.probe_prompts, seed=seed), d.probe_samples, seed)
-            logp = self._policy_logp(probe)
+            probe = self.sampler(
+                self.model, self.task.eval_examples(d.probe_prompts, seed=seed), d.probe_samples, seed
+            )
+            logp = response_logp(self.model, probe, self.config.rollout.temperature)
             if self.ctx.is_main:
-                _write_probe(probe, logp, path)
+                write_probe(probe, logp, path)
         self.ctx.barrier()
-        t = {k: v.to(self.ctx.device) for k, v in load_file(str(path)).items()}
-        mask = t["response_mask"].bool()
-        prompt_len = int(t["prompt_len"])
-        prompts = t["input_ids"][:, :prompt_len], t["attention_mask"][:, :prompt_len]
-        return Rollout(
-            t["input_ids"],
-            t["attention_mask"],
-            prompt_len,
-            mask,
-            t["logp"],
-            [],
-            SharedPrompts.of_rows(*prompts),
-        )
-
-    @torch.no_grad()
-    def _policy_logp(self, rollout: Rollout) -> torch.Tensor:
-        """The policy's log-probs of the response tokens, ``[B, T]``, 0 after EOS."""
-        logits = response_logits(self.model, rollout, self.config.rollout.temperature)
-        return torch.where(rollout.response_mask, token_logprobs(logits, rollout.responses), 0.0)
+        return read_probe(path, self.ctx.device)
 
     @torch.no_grad()
     def probe_entropy(self, model: PreTrainedModel | None = None) -> float:
@@ -430,128 +346,15 @@ class Trainer:
         temperature = self.config.rollout.temperature
         if model is None:  # the policy: compiled with run.compile; the counterfactual's copies: eager
             with self._compiled_passes():
-                entropy = self.functions.run(_entropy, self.model, self.probe, temperature)
+                entropy = self.functions.run(response_entropy, self.model, self.probe, temperature)
         else:
-            entropy = _entropy(model, self.probe, temperature)
-        return _masked_mean(entropy, self.probe.response_mask)
+            entropy = response_entropy(model, self.probe, temperature)
+        return masked_mean(entropy, self.probe.response_mask)
 
-    @contextlib.contextmanager
-    def _compiled_passes(self) -> Iterator[None]:
-        """Around the policy's passes that ``run.compile`` compiles: on a CPU, the model's plain ("eager")
-        attention instead of SDPA, since inductor fuses its masking and softmax with the neighbouring
-        operations while the SDPA kernel stays a separate call (tiny-0.1m: the compiled update about 12%
-        faster); sampling keeps SDPA. Both attentions compute the same up to float rounding."""
-        model = self.model
-        before = model.config._attn_implementation
-        switch = (
-            self.functions.compiled
-            and self.ctx.device.type == "cpu"
-            and before == "sdpa"
-            and model._can_set_attn_implementation()
-        )
-        if switch:
-            model.set_attn_implementation("eager")
-        try:
-            yield
-        finally:
-            if switch:
-                model.set_attn_implementation(before)
+    def _compiled_passes(self) -> contextlib.AbstractContextManager[None]:
+        return compiled_passes(self.model, self.functions, self.ctx.device)
 
     # ----- one step ---------------------------------------------------------------------------------
-    def collect(self, step: int) -> tuple[UpdateBatch, dict[str, float]]:
-        """Rollout, rewards, old/reference log-probs and advantages for ``step`` (this rank's share of
-        the prompts); the metrics are over the global batch."""
-        c, seed, ctx = self.config, self.config.run.seed, self.ctx
-        t0 = time.perf_counter()
-        examples = self.task.examples(c.task.prompts_per_step, seed=derive_seed(seed, step, "data"))
-        examples = ctx.shard(examples)
-        rollout = self._sample(examples, c.rollout.group_size, derive_seed(seed, step, "sample") + ctx.rank)
-        t1 = time.perf_counter()
-        repeated = [e for e in examples for _ in range(c.rollout.group_size)]
-        scored = score_batch(
-            self.reward_fn,
-            rollout.texts,
-            repeated,
-            timeout_s=c.reward.timeout_s,
-            seed=derive_seed(seed, step, "reward") + ctx.rank,
-        )
-        self._watch_rewards(step, scored)
-        rewards = scored.rewards.to(ctx.device)
-        t2 = time.perf_counter()
-        mask = rollout.response_mask
-        n_tokens, n_seq = mask.sum(), float(mask.shape[0])
-        sums: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]] = {
-            "reward/mean": (rewards.sum(), n_seq),
-            "reward/sq": (rewards.square().sum(), n_seq),
-            "response/length_mean": (n_tokens, n_seq),
-        }
-        with torch.no_grad():
-            old_values = None
-            if self.value_head is None:
-                with self._compiled_passes():
-                    logp_old, entropy = self.functions.run(
-                        _logp_and_entropy, self.model, rollout, c.rollout.temperature
-                    )
-            else:
-                logits, hidden = response_logits_and_hidden(self.model, rollout, c.rollout.temperature)
-                old_values = self.value_head(hidden)
-                sums["value/mean"] = ((old_values * mask).sum(), n_tokens)
-                per_token = token_stats(logits, rollout.responses)
-                assert per_token.logp is not None and per_token.entropy is not None
-                logp_old, entropy = per_token.logp, per_token.entropy
-                del logits
-            sums["entropy/rollout"] = ((entropy * mask).sum(), n_tokens)
-            logp_ref, kl_penalty_tokens = None, torch.zeros_like(logp_old)
-            if self.ref_model is not None:
-                ref_logits = response_logits(self.ref_model, rollout, c.rollout.temperature)
-                logp_ref = token_logprobs(ref_logits, rollout.responses)
-                kl = kl_penalty(logp_old, logp_ref, c.loss.kl.kind)
-                sums["kl/ref"] = ((kl * mask).sum(), n_tokens)
-                if c.loss.kl.in_reward:
-                    kl_penalty_tokens = c.loss.kl.coef * kl * mask
-        metrics = self._global_means(sums)
-        n = float(c.task.prompts_per_step * c.rollout.group_size)
-        variance = max(metrics.pop("reward/sq") - metrics["reward/mean"] ** 2, 0.0) * n / max(n - 1, 1)
-        metrics["reward/std"] = math.sqrt(variance)
-        (metrics["reward/errors"],) = ctx.sum([float(scored.errors)])
-        if hasattr(self.task, "skipped_lines"):
-            metrics["data/skipped_lines"] = float(self.task.skipped_lines)
-        ref_for_loss = logp_ref if not c.loss.kl.in_reward else None
-        metrics["time/rollout_s"] = t1 - t0
-        metrics["time/reward_s"] = t2 - t1
-        if old_values is None:
-            kind = c.advantage.kind
-            assert kind != "gae", "gae runs with a value head"
-            rewards = rewards - kl_penalty_tokens.sum(-1)
-            advantages = group_advantages(rewards, c.rollout.group_size, kind)
-            return UpdateBatch(rollout, advantages, logp_old, ref_for_loss), metrics
-        token_rewards = terminal_rewards(rewards, mask) - kl_penalty_tokens
-        advantages, returns = gae(token_rewards, old_values, mask, c.advantage.gamma, c.advantage.lam)
-        advantages = masked_whiten(advantages, mask)
-        return UpdateBatch(rollout, advantages, logp_old, ref_for_loss, old_values, returns), metrics
-
-    def _watch_rewards(self, step: int, scored: RewardResult) -> None:
-        """Warn about new kinds of reward failure; stop (on every rank) once a rank's rewards have failed
-        on every sample for ``reward.max_failed_steps`` steps in a row."""
-        failing = None
-        try:
-            for line in self.reward_monitor.observe(step, scored):
-                self.console.print(f"[yellow]warning:[/] {line}", highlight=False)
-        except RewardsFailing as err:
-            failing = err
-        if self.ctx.sum([float(failing is not None)])[0] > 0:
-            raise failing or RewardsFailing(
-                f"the reward failed on every sample of another rank (step {step})"
-            )
-
-    def _global_means(
-        self, sums: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]
-    ) -> dict[str, float]:
-        """name -> (sum, count) over this rank, reduced over ranks into name -> global sum / count."""
-        flat = [float(x) for pair in sums.values() for x in pair]
-        reduced = self.ctx.sum(flat)
-        return {name: reduced[2 * i] / max(reduced[2 * i + 1], 1.0) for i, name in enumerate(sums)}
-
     def update_settings(self, action: ControlAction) -> UpdateSettings:
         """The update's settings for this step, with the controller's bounds and entropy coefficient."""
         c = self.config
@@ -595,9 +398,9 @@ class Trainer:
             ("no_high", replace(settings, eps_high=None)),
         ):
             model, head = copy.deepcopy(self.model), copy.deepcopy(self.value_head)
-            optimizer = torch.optim.AdamW(self._trainable_parameters(model, head))
+            optimizer = torch.optim.AdamW(trainable_parameters(model, head))
             optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+            scheduler = make_scheduler(optimizer, self.config)
             scheduler.load_state_dict(self.scheduler.state_dict())
             run_update(
                 model, optimizer, scheduler, batch, replace(variant, attribution=False), shuffle_seed, 0, head
@@ -609,7 +412,7 @@ class Trainer:
         """One full RL step; returns its metrics."""
         c = self.config
         t0 = time.perf_counter()
-        batch, metrics = self.collect(step)
+        batch, metrics = self.collector.collect(step, self.policies)
         action = self.controller.act(step, metrics["entropy/rollout"])
         settings = self.update_settings(action)
         shuffle_seed = derive_seed(c.run.seed, step, "shuffle")
@@ -667,17 +470,10 @@ class Trainer:
         """pass@1 and unbiased pass@k on held-out prompts; correct means eval reward > 0.5."""
         e, seed = self.config.eval, self.config.run.seed
         examples = self.task.eval_examples(e.prompts, seed=derive_seed(seed, 0, "eval"))
-        rollout = self._sample(examples, e.k, derive_seed(seed, step, "eval"))
-        repeated = [x for x in examples for _ in range(e.k)]
-        scored = score_batch(
-            self.eval_reward_fn, rollout.texts, repeated, timeout_s=self.config.reward.timeout_s, seed=seed
+        rollout = self.sampler(self.model, examples, e.k, derive_seed(seed, step, "eval"))
+        return pass_metrics(
+            self.eval_reward_fn, rollout.texts, examples, e.k, self.config.reward.timeout_s, seed
         )
-        correct = (scored.rewards > 0.5).reshape(len(examples), e.k).sum(-1).tolist()
-        return {
-            "eval/pass@1": float(np.mean([pass_at_k(e.k, c, 1) for c in correct])),
-            "eval/pass@k": float(np.mean([pass_at_k(e.k, c, e.k) for c in correct])),
-            "eval/k": float(e.k),
-        }
 
     # ----- the loop ---------------------------------------------------------------------------------
     def _checkpoint(self, logger: MetricsLogger | None) -> Path:
@@ -738,32 +534,6 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return self.run_dir
-
-
-def _logp_and_entropy(
-    model: PreTrainedModel, rollout: Rollout, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's log-probs of the response tokens and its entropy at those positions, ``[B, T]``."""
-    logp, entropy, _ = token_stats(response_logits(model, rollout, temperature), rollout.responses)
-    assert logp is not None and entropy is not None
-    return logp, entropy
-
-
-def _entropy(model: PreTrainedModel, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """The policy's entropy at the positions that predict the response tokens, ``[B, T]``."""
-    return token_entropy(response_logits(model, rollout, temperature))
-
-
-def _write_probe(probe: Rollout, logp: torch.Tensor, path: Path) -> None:
-    """Write the probe set and its log-probs ``[B, T]`` to ``path`` atomically."""
-    tensors = {
-        "input_ids": probe.input_ids,
-        "attention_mask": probe.attention_mask,
-        "response_mask": probe.response_mask.to(torch.uint8),
-        "logp": logp,
-        "prompt_len": torch.tensor(probe.prompt_len),
-    }
-    atomic_write_bytes(path, save({k: v.cpu() for k, v in tensors.items()}))
 
 
 def _progress_info(m: dict[str, float]) -> str:
