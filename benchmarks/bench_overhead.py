@@ -1,7 +1,7 @@
 """Overhead of the entropy diagnostics on an update step.
 
 ``entroclip.update.run_update`` on configs/quick.yaml's batch (128 sequences, 6 new tokens, 4 epochs x 4
-minibatches) with ``UpdateSettings(attribution=True)`` (kappa from the same fused pass over the vocabulary
+minibatches) with ``diagnostics.attribution: true`` (kappa from the same fused pass over the vocabulary
 that gives the log-probs, and the clip attribution) against ``attribution=False``. A bare update (the same
 forward, a minimal clipped loss, backward, grad clip, AdamW; no clip masks, statistics or attribution) shows
 what all of the diagnostics together cost. Models: the built-in tiny-0.1m (16-symbol vocabulary), tiny-3m,

@@ -10,30 +10,30 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from entroclip.advantages import group_advantages
+from entroclip.compiling import EAGER, CompileCache
+from entroclip.config import load_config
+from entroclip.control import ControlAction
 from entroclip.policy.sampling import response_logits, sample, token_logprobs
-from entroclip.update import EAGER, StepFunctions, UpdateBatch, UpdateSettings, minibatch_indices, run_update
+from entroclip.update import RunSettings, UpdateBatch, minibatch_indices, run_update
 
 PROMPTS, GROUP, NEW_TOKENS, EPOCHS, MINIBATCHES, LR = 16, 8, 6, 4, 4, 1e-4
 
 
-def quick_settings(attribution: bool = True, max_len: int = NEW_TOKENS) -> UpdateSettings:
-    return UpdateSettings(
-        eps_low=0.2,
-        eps_high=0.2,
-        dual_clip=None,
-        agg="token-mean",
-        max_len=max_len,
-        temperature=1.0,
-        epochs=EPOCHS,
-        minibatches=MINIBATCHES,
-        grad_clip=1.0,
-        attribution=attribution,
-        group_size=GROUP,
+#: the clip bounds of configs/quick.yaml, as its static controller acts every step
+QUICK_ACTION = ControlAction(eps_low=0.2, eps_high=0.2, entropy_coef=0.0)
+
+
+def quick_settings(attribution: bool = True, max_len: int = NEW_TOKENS) -> RunSettings:
+    """configs/quick.yaml's fixed update settings."""
+    overrides = [f"diagnostics.attribution={str(attribution).lower()}", f"loss.max_len={max_len}"]
+    return RunSettings.from_config(
+        load_config(Path(__file__).parent.parent / "configs/quick.yaml", overrides)
     )
 
 
@@ -69,7 +69,7 @@ class UpdateRig:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
 
-    def update(self, settings: UpdateSettings, functions: StepFunctions = EAGER) -> None:
+    def update(self, settings: RunSettings, functions: CompileCache = EAGER) -> None:
         assert self.optimizer is not None and self.scheduler is not None
         run_update(
             self.model,
@@ -77,19 +77,20 @@ class UpdateRig:
             self.scheduler,
             self.batch,
             settings,
+            QUICK_ACTION,
             shuffle_seed=0,
-            functions=functions,
+            compiler=functions,
         )
 
-    def bare_update(self, settings: UpdateSettings, functions: StepFunctions = EAGER) -> None:
+    def bare_update(self, settings: RunSettings, functions: CompileCache = EAGER) -> None:
         """The same minibatch steps with a minimal clipped loss and no diagnostics or statistics."""
         assert self.optimizer is not None and self.scheduler is not None
         bare_update(self.model, self.optimizer, self.scheduler, self.batch, settings, functions)
 
 
-def compiled_functions() -> StepFunctions:
+def compiled_functions() -> CompileCache:
     """Compiled step functions with the options the trainer uses on a CPU (inductor's C++ wrapper)."""
-    return StepFunctions(True, options={"cpp_wrapper": True})
+    return CompileCache(True, options={"cpp_wrapper": True})
 
 
 def bare_loss(
@@ -109,14 +110,14 @@ def bare_update(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch: UpdateBatch,
-    settings: UpdateSettings,
-    functions: StepFunctions = EAGER,
+    settings: RunSettings,
+    functions: CompileCache = EAGER,
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     model.train()
-    eps_low = settings.eps_low if settings.eps_low is not None else 1.0
-    eps_high = settings.eps_high if settings.eps_high is not None else math.inf
-    loss_of = functions.get(bare_loss)
+    eps_low = QUICK_ACTION.eps_low if QUICK_ACTION.eps_low is not None else 1.0
+    eps_high = QUICK_ACTION.eps_high if QUICK_ACTION.eps_high is not None else math.inf
+    loss_of = functions.wrap(bare_loss)
     for _ in range(settings.epochs):
         rows = batch.advantages.shape[0]
         for index in minibatch_indices(rows, settings.minibatches, generator, settings.group_size):

@@ -5,6 +5,7 @@ AOTAutograd, run by eager kernels), which checks the tracing of the update witho
 compilation; the benchmark (benchmarks/bench_step.py) runs inductor."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,13 +13,15 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from entroclip import trainer as trainer_module
 from entroclip.checkpoint import latest_checkpoint
-from entroclip.config import load_config
+from entroclip.compiling import CompileCache
+from entroclip.config import load_config, parse_config
+from entroclip.control import ControlAction
 from entroclip.policy.builtin import save_builtin
 from entroclip.policy.loading import load_policy
 from entroclip.policy.sampling import sample
 from entroclip.runio import config_fingerprint
 from entroclip.trainer import Trainer
-from entroclip.update import StepFunctions, UpdateBatch, UpdateSettings, run_update
+from entroclip.update import RunSettings, UpdateBatch, run_update
 
 ALPHABET = "0123456789+="
 
@@ -38,27 +41,30 @@ def policy(tmp_path_factory):
     return model, batch
 
 
-def settings(**changes) -> UpdateSettings:
-    base = UpdateSettings(
-        eps_low=0.2,
-        eps_high=0.28,
-        dual_clip=None,
-        agg="token-mean",
-        max_len=6,
-        temperature=1.0,
-        epochs=2,
-        minibatches=2,
-        grad_clip=1.0,
+#: the update's fixed settings: token-mean, 6-token responses, 2 epochs of 2 minibatches of single rows
+BASE = RunSettings.from_config(
+    parse_config(
+        {
+            "rollout": {"max_new_tokens": 6},
+            "optim": {"epochs": 2, "minibatches": 2, "grad_clip": 1.0, "group_minibatches": False},
+        }
     )
-    return UpdateSettings(**{**base.__dict__, **changes})
+)
 
 
-def update(policy, functions, config):
+def settings(
+    eps_low: float | None = 0.2, eps_high: float | None = 0.28, entropy_coef: float = 0.0, **changes
+) -> tuple[RunSettings, ControlAction]:
+    """A run's fixed settings (``changes`` of BASE) and one step's action."""
+    return replace(BASE, **changes), ControlAction(eps_low, eps_high, entropy_coef)
+
+
+def update(policy, compiler, config):
     model, batch = policy
     model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    stats, _ = run_update(model, optimizer, scheduler, batch, config, 0, functions=functions)
+    stats, _ = run_update(model, optimizer, scheduler, batch, *config, 0, compiler=compiler)
     return model, stats.metrics()
 
 
@@ -85,10 +91,10 @@ def assert_same_optimizer_state(actual, expected):
     ids=["default", "entropy-bonus-dual-clip"],
 )
 def test_compiled_update_takes_the_same_steps(policy, config):
-    eager_model, eager = update(policy, StepFunctions(), config)
-    functions = StepFunctions(compile=True, backend="aot_eager")
-    compiled_model, compiled = update(policy, functions, config)
-    assert functions.compiled  # no fallback
+    eager_model, eager = update(policy, CompileCache(), config)
+    compiler = CompileCache(compile=True, backend="aot_eager")
+    compiled_model, compiled = update(policy, compiler, config)
+    assert compiler.compiled  # no fallback
     # 4 AdamW steps of lr 1e-3: a parameter moves by up to 4e-3; the compiled graphs (fused operations,
     # other summation orders) differ from eager by float32 rounding, ~1e-7 relative per operation
     for (name, a), b in zip(eager_model.named_parameters(), compiled_model.parameters(), strict=True):
@@ -103,11 +109,11 @@ def test_changing_bounds_do_not_recompile(policy):
     """A controller moves eps_low and the entropy coefficient every step: they enter the compiled step as
     tensors, so a new value reuses the graph."""
     counter = CompileCounterWithBackend("aot_eager")
-    functions = StepFunctions(compile=True, backend=counter)
-    update(policy, functions, settings(eps_low=0.2, entropy_coef=0.01))
+    compiler = CompileCache(compile=True, backend=counter)
+    update(policy, compiler, settings(eps_low=0.2, entropy_coef=0.01))
     compiled = counter.frame_count
     assert compiled >= 1
-    update(policy, functions, settings(eps_low=0.13, eps_high=0.3, entropy_coef=0.02))
+    update(policy, compiler, settings(eps_low=0.13, eps_high=0.3, entropy_coef=0.02))
     assert counter.frame_count == compiled
 
 
@@ -115,11 +121,11 @@ def test_a_failed_compilation_falls_back_to_eager_with_a_warning(policy):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    eager_model, eager = update(policy, StepFunctions(), settings())
-    functions = StepFunctions(compile=True, backend=broken)
+    eager_model, eager = update(policy, CompileCache(), settings())
+    compiler = CompileCache(compile=True, backend=broken)
     with pytest.warns(RuntimeWarning, match="training continues eagerly.*no C\\+\\+ compiler"):
-        model, metrics = update(policy, functions, settings())
-    assert not functions.compiled
+        model, metrics = update(policy, compiler, settings())
+    assert not compiler.compiled
     for a, b in zip(eager_model.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert metrics == eager
@@ -127,9 +133,9 @@ def test_a_failed_compilation_falls_back_to_eager_with_a_warning(policy):
 
 def test_trainer_with_compile_saves_plain_checkpoints_and_resumes(tmp_path, monkeypatch):
     def cheap(compile, options=None):
-        return StepFunctions(compile, backend="aot_eager")
+        return CompileCache(compile, backend="aot_eager")
 
-    monkeypatch.setattr(trainer_module, "StepFunctions", cheap)
+    monkeypatch.setattr(trainer_module, "CompileCache", cheap)
     small = ["task.prompts_per_step=4", "rollout.group_size=4", "optim.minibatches=2", "optim.epochs=2"]
     small += ["optim.warmup_steps=3"]  # a learning rate that changes every optimizer step
     common = [*small, "run.tensorboard=false", "run.checkpoint_every=1", "diagnostics.probe_prompts=2"]
@@ -139,7 +145,7 @@ def test_trainer_with_compile_saves_plain_checkpoints_and_resumes(tmp_path, monk
         config = load_config("configs/quick.yaml", [*overrides, f"run.compile={str(compiled).lower()}"])
         t = Trainer(config, resume=resume, overwrite=not resume)
         t.train(show_progress=False)
-        assert t.functions.compiled == compiled
+        assert t.compiler.compiled == compiled
         return t
 
     run("eager", 2, False)

@@ -10,11 +10,9 @@ from entroclip.config import ControlConfig, LossConfig, parse_config
 from entroclip.control import (
     ClipLowController,
     EntropyBonusController,
-    centred_covariance,
-    clip_cov_select,
-    kl_cov_select,
     make_controller,
 )
+from entroclip.covariance import centred_covariance, clip_cov_select, kl_cov_select
 
 LOSS = LossConfig(eps_low=0.2, eps_high=0.2)
 

@@ -13,6 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from entroclip.compiling import CompileCache
+from entroclip.config import parse_config
+from entroclip.control import ControlAction
 from entroclip.distributed import (
     DistContext,
     full_optimizer_state,
@@ -27,24 +30,22 @@ from entroclip.distributed import (
 from entroclip.policy.builtin import save_builtin
 from entroclip.policy.loading import load_policy
 from entroclip.policy.sampling import sample
-from entroclip.update import StepFunctions, UpdateBatch, UpdateSettings, run_update
+from entroclip.update import RunSettings, UpdateBatch, run_update
 from entroclip.value import ValueHead
 
 ALPHABET = "0123456789+="
 
 
-def settings(agg: str) -> UpdateSettings:
-    return UpdateSettings(
-        eps_low=0.2,
-        eps_high=0.2,
-        dual_clip=None,
-        agg=agg,  # type: ignore[arg-type]
-        max_len=6,
-        temperature=1.0,
-        epochs=1,
-        minibatches=1,
-        grad_clip=1.0,
+def settings(agg: str) -> tuple[RunSettings, ControlAction]:
+    """One on-policy minibatch step of 6-token responses, clip bounds (0.2, 0.2)."""
+    config = parse_config(
+        {
+            "loss": {"agg": agg},
+            "rollout": {"max_new_tokens": 6},
+            "optim": {"epochs": 1, "minibatches": 1, "grad_clip": 1.0, "group_minibatches": False},
+        }
     )
+    return RunSettings.from_config(config), ControlAction(0.2, 0.2, 0.0)
 
 
 def make_batch(model_dir, value_head: bool = False) -> UpdateBatch:
@@ -87,12 +88,12 @@ def one_step(model_dir, batch, agg, ctx=None, parallel="ddp", compiled=False):
     head = wrapped[1] if len(wrapped) > 1 else None
     kwargs: dict = {"ctx": ctx} if ctx is not None else {}
     if compiled:
-        kwargs["functions"] = StepFunctions(compile=True, backend="aot_eager")
+        kwargs["compiler"] = CompileCache(compile=True, backend="aot_eager")
     stats, _ = run_update(
-        wrapped[0], optimizer, scheduler, batch, settings(agg), 0, value_head=head, **kwargs
+        wrapped[0], optimizer, scheduler, batch, *settings(agg), 0, value_head=head, **kwargs
     )
     if compiled:
-        assert kwargs["functions"].compiled, "compilation failed, the update fell back to eager"
+        assert kwargs["compiler"].compiled, "compilation failed, the update fell back to eager"
     if ctx is not None:
         stats = stats.reduced(ctx)
     weights = {

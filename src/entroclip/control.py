@@ -1,9 +1,8 @@
-"""Entropy control: the clip-low controller, an adaptive entropy bonus, and the Clip-Cov / KL-Cov rules.
+"""Entropy control: per-step controllers (the clip-low controller, an adaptive entropy bonus).
 
 Controllers act once per RL step: they read the rollout entropy of the pre-update policy (nats) and
-return the clip bounds and entropy coefficient for that step's update. Clip-Cov and KL-Cov act inside
-every minibatch step on the tokens with the largest covariance between advantage and log-probability
-(Cui et al. 2025, "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models").
+return the clip bounds and entropy coefficient for that step's update. Clip-Cov and KL-Cov, which act
+inside every minibatch step, are in :mod:`entroclip.covariance`.
 """
 
 from __future__ import annotations
@@ -13,14 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from entroclip.config import ControlConfig, LossConfig
-
-#: the published default fractions of valid tokens (Cui et al. 2025)
-CLIP_COV_FRACTION = 2e-4
-KL_COV_FRACTION = 2e-3
 
 
 @dataclass(frozen=True)
@@ -30,6 +22,11 @@ class ControlAction:
     eps_low: float | None
     eps_high: float | None
     entropy_coef: float
+
+    def metrics(self) -> dict[str, float]:
+        """``control/eps_low``, ``control/eps_high`` (each when on) and ``control/entropy_coef``."""
+        out = {"control/eps_low": self.eps_low, "control/eps_high": self.eps_high}
+        return {k: v for k, v in out.items() if v is not None} | {"control/entropy_coef": self.entropy_coef}
 
 
 class EntropyTarget:
@@ -205,57 +202,3 @@ def make_controller(control: ControlConfig, loss: LossConfig) -> Controller:
     if control.kind == "kl_cov":
         return KLCovController(loss)
     return StaticController(loss)
-
-
-# ----- Clip-Cov and KL-Cov token selection ----------------------------------------------------------------
-
-
-def centred_covariance(advantages: Tensor, logp: Tensor, mask: Tensor) -> Tensor:
-    """Per-token (A - mean A)(log pi - mean log pi) with means over the valid tokens, ``[B, T]`` float32;
-    -inf on invalid tokens."""
-    valid = mask.bool()
-    adv, lp = advantages.detach().float(), logp.detach().float()
-    n = valid.sum().clamp(min=1)
-    adv_mean = torch.where(valid, adv, torch.zeros_like(adv)).sum() / n
-    lp_mean = torch.where(valid, lp, torch.zeros_like(lp)).sum() / n
-    cov = (adv - adv_mean) * (lp - lp_mean)
-    return torch.where(valid, cov, torch.full_like(cov, -math.inf))
-
-
-def _count(fraction: float, mask: Tensor) -> int:
-    """How many tokens a fraction of the valid tokens means: max(1, floor(fraction * valid tokens))."""
-    return max(1, int(fraction * int(mask.sum())))
-
-
-def clip_cov_select(
-    advantages: Tensor,
-    logp: Tensor,
-    mask: Tensor,
-    clipped: Tensor,
-    fraction: float,
-    lower: float,
-    upper: float,
-    generator: torch.Generator,
-) -> Tensor:
-    """Clip-Cov: a random ``fraction`` of the valid tokens (at least 1), drawn among the tokens that are
-    not already clipped and whose centred covariance lies in (lower, upper); their gradient is detached.
-    Returns bool ``[B, T]``."""
-    cov = centred_covariance(advantages, logp, mask)
-    eligible = mask.bool() & ~clipped & (cov > lower) & (cov < upper)
-    candidates = eligible.flatten().nonzero().squeeze(-1)
-    chosen = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-    if candidates.numel():
-        order = torch.randperm(candidates.numel(), generator=generator).to(candidates.device)
-        chosen[candidates[order[: _count(fraction, mask)]]] = True
-    return chosen.view_as(mask)
-
-
-def kl_cov_select(advantages: Tensor, logp: Tensor, mask: Tensor, fraction: float) -> Tensor:
-    """KL-Cov: the top ``fraction`` of the valid tokens (at least 1) by centred covariance; they get the
-    penalty coef * |log r|. Returns bool ``[B, T]``."""
-    cov = centred_covariance(advantages, logp, mask).flatten()
-    chosen = torch.zeros_like(cov, dtype=torch.bool)
-    if mask.any():
-        k = min(_count(fraction, mask), int(mask.sum()))
-        chosen[torch.topk(cov, k).indices] = True
-    return chosen.view_as(mask)

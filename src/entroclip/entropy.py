@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from entroclip.compiling import CompiledForLargeInputs
-from entroclip.objectives import LOG_RATIO_LIMIT, SurrogateOutput, broadcast_advantages
+from entroclip.objectives import SurrogateOutput, broadcast_advantages
 
 #: Floor for log-probabilities (and their base-2 counterparts) where a token of probability 0 (logit
 #: -inf) would make 0 * -inf = NaN; 2^floor is exactly 0.
@@ -498,9 +498,8 @@ def attribution_terms(
     sync; a fixed set of operations, so that it compiles into the minibatch step)."""
     mask = mask.bool()
     adv = broadcast_advantages(advantages, mask).float()
-    log_ratio = (logp_new.detach().float() - logp_old.float()).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    zero = torch.zeros_like(log_ratio)
-    ratio = torch.where(mask, log_ratio.exp(), zero)
+    zero = torch.zeros_like(adv)
+    ratio = torch.where(mask, out.ratio, zero)  # the surrogate's ratio, detached
     contribution = torch.where(mask, adv * ratio * out.token_scale * kappa.float(), zero)
     removed = out.clip_low | out.clip_high | out.dual | out.detached
     unclipped = mask & ~removed

@@ -197,6 +197,14 @@ def clipped_surrogate(
     return replace(out, stats=stats)
 
 
+def importance_ratio(logp_new: Tensor, logp_old: Tensor, mask: Tensor) -> Tensor:
+    """r = pi_new / pi_old per token, ``[B, T]`` float32: ``exp`` of the log-ratio clamped to
+    +-LOG_RATIO_LIMIT (no overflow), 1 on invalid tokens; differentiable in ``logp_new``."""
+    log_ratio = logp_new.float() - logp_old.float().detach()
+    log_ratio = torch.where(mask.bool(), log_ratio, torch.zeros_like(log_ratio))
+    return torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+
+
 def surrogate_terms(
     logp_new: Tensor,
     logp_old: Tensor,
@@ -226,8 +234,7 @@ def surrogate_terms(
     adv = broadcast_advantages(advantages, mask).to(torch.float32)
     adv = torch.where(mask, adv, torch.zeros_like(adv))
 
-    log_ratio = torch.where(mask, logp_new.float() - logp_old.float().detach(), torch.zeros_like(adv))
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+    ratio = importance_ratio(logp_new, logp_old, mask)
     r = ratio.detach()
 
     clip_low, clip_high, dual = clip_masks(r, adv, mask, eps_low, eps_high, dual_clip)

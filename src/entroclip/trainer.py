@@ -11,7 +11,6 @@ import copy
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,10 @@ from entroclip.checkpoint import (
     list_checkpoints,
     save_checkpoint,
 )
+from entroclip.compiling import CompileCache
 from entroclip.config import Config, ConfigError, dump_config
 from entroclip.consoles import unwrapped_console
-from entroclip.control import CLIP_COV_FRACTION, KL_COV_FRACTION, ControlAction, make_controller
+from entroclip.control import make_controller
 from entroclip.distributed import (
     DistContext,
     full_optimizer_state,
@@ -67,6 +67,7 @@ from entroclip.preflight import (
 from entroclip.rewards import (
     make_reward,
 )
+from entroclip.rl.counterfactual import counterfactual_probe
 from entroclip.rl.evaluate import pass_metrics
 from entroclip.rl.optim import make_optimizer, make_scheduler, trainable_parameters
 from entroclip.rl.passes import compiled_passes, response_entropy, response_logp
@@ -85,7 +86,7 @@ from entroclip.runio import (
 )
 from entroclip.tasks import Task, make_task
 from entroclip.trust import check_config_code
-from entroclip.update import CovSettings, StepFunctions, UpdateBatch, UpdateSettings, run_update
+from entroclip.update import RunSettings, run_update
 from entroclip.value import ValueHead
 
 VALUE_PREFIX = "value_head."
@@ -191,8 +192,9 @@ class Trainer:
         # on a CPU, a C++ wrapper around inductor's kernels spares their Python calls (tiny-0.1m: the
         # compiled step about 7% faster, for a few more seconds of compilation)
         cpp_wrapper = {"cpp_wrapper": True} if self.ctx.device.type == "cpu" else None
-        self.functions = StepFunctions(config.run.compile, options=cpp_wrapper)
-        self.policies = Policies(self.model, self.value_head, self.ref_model, self.functions)
+        self.compiler = CompileCache(config.run.compile, options=cpp_wrapper)
+        self.settings = RunSettings.from_config(config)
+        self.policies = Policies(self.model, self.value_head, self.ref_model, self.compiler)
         self.probe = self._load_or_make_probe()
         self._probe_cache: float | None = None
         if config.on_policy:
@@ -346,81 +348,35 @@ class Trainer:
         temperature = self.config.rollout.temperature
         if model is None:  # the policy: compiled with run.compile; the counterfactual's copies: eager
             with self._compiled_passes():
-                entropy = self.functions.run(response_entropy, self.model, self.probe, temperature)
+                entropy = self.compiler.call(response_entropy, self.model, self.probe, temperature)
         else:
             entropy = response_entropy(model, self.probe, temperature)
         return masked_mean(entropy, self.probe.response_mask)
 
     def _compiled_passes(self) -> contextlib.AbstractContextManager[None]:
-        return compiled_passes(self.model, self.functions, self.ctx.device)
+        return compiled_passes(self.model, self.compiler, self.ctx.device)
 
     # ----- one step ---------------------------------------------------------------------------------
-    def update_settings(self, action: ControlAction) -> UpdateSettings:
-        """The update's settings for this step, with the controller's bounds and entropy coefficient."""
-        c = self.config
-        cov = None
-        if c.control.kind in ("clip_cov", "kl_cov"):
-            default_fraction = CLIP_COV_FRACTION if c.control.kind == "clip_cov" else KL_COV_FRACTION
-            cov = CovSettings(
-                kind=c.control.kind,
-                fraction=c.control.cov_fraction or default_fraction,
-                lower=c.control.cov_lower,
-                upper=c.control.cov_upper,
-                coef=c.control.kl_cov_coef,
-            )
-        return UpdateSettings(
-            eps_low=action.eps_low,
-            eps_high=action.eps_high,
-            dual_clip=c.loss.dual_clip,
-            agg=c.loss.agg,
-            max_len=c.loss.max_len or c.rollout.max_new_tokens,
-            temperature=c.rollout.temperature,
-            epochs=c.optim.epochs,
-            minibatches=c.optim.minibatches,
-            grad_clip=c.optim.grad_clip,
-            group_size=c.rollout.group_size if c.optim.group_minibatches else 1,
-            entropy_coef=action.entropy_coef,
-            kl_coef=c.loss.kl.coef if not c.loss.kl.in_reward else 0.0,
-            kl_kind=c.loss.kl.kind,
-            attribution=c.diagnostics.attribution,
-            value_coef=c.advantage.value_coef,
-            value_clip=c.advantage.value_clip,
-            cov=cov,
-        )
-
-    def counterfactual(
-        self, batch: UpdateBatch, settings: UpdateSettings, shuffle_seed: int
-    ) -> dict[str, float]:
-        """Probe entropy after the same update taken without clip-low and without clip-high, on copies."""
-        out = {}
-        for name, variant in (
-            ("no_low", replace(settings, eps_low=None)),
-            ("no_high", replace(settings, eps_high=None)),
-        ):
-            model, head = copy.deepcopy(self.model), copy.deepcopy(self.value_head)
-            optimizer = torch.optim.AdamW(trainable_parameters(model, head))
-            optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
-            scheduler = make_scheduler(optimizer, self.config)
-            scheduler.load_state_dict(self.scheduler.state_dict())
-            run_update(
-                model, optimizer, scheduler, batch, replace(variant, attribution=False), shuffle_seed, 0, head
-            )
-            out[name] = self.probe_entropy(model)
-        return out
-
     def train_step(self, step: int) -> dict[str, float]:
         """One full RL step; returns its metrics."""
         c = self.config
         t0 = time.perf_counter()
         batch, metrics = self.collector.collect(step, self.policies)
         action = self.controller.act(step, metrics["entropy/rollout"])
-        settings = self.update_settings(action)
         shuffle_seed = derive_seed(c.run.seed, step, "shuffle")
         probe_before = None
         if self.probe is not None:
             probe_before = self._probe_cache if self._probe_cache is not None else self.probe_entropy()
-        cf_due = c.diagnostics.counterfactual_every and step % c.diagnostics.counterfactual_every == 0
-        counterfactual = self.counterfactual(batch, settings, shuffle_seed) if cf_due and self.probe else None
+        counterfactual = None
+        if (
+            self.probe is not None
+            and c.diagnostics.counterfactual_every
+            and step % c.diagnostics.counterfactual_every == 0
+        ):
+            update = (batch, self.settings, action, shuffle_seed)
+            counterfactual = counterfactual_probe(
+                self.model, self.value_head, self.optimizer, self.scheduler, update, self.probe_entropy, c
+            )
         t1 = time.perf_counter()
         with self._compiled_passes():
             stats, self.consecutive_skips = run_update(
@@ -428,12 +384,13 @@ class Trainer:
                 self.optimizer,
                 self.scheduler,
                 batch,
-                settings,
+                self.settings,
+                action,
                 shuffle_seed,
                 self.consecutive_skips,
                 self.train_value_head,
                 self.ctx,
-                self.functions,
+                self.compiler,
             )
         stats = stats.reduced(self.ctx)
         if self.vllm is not None:
@@ -443,11 +400,7 @@ class Trainer:
         metrics.update(stats.metrics())
         metrics["train/skipped_steps"] = float(self.skipped_total)
         metrics["optim/lr"] = float(self.scheduler.get_last_lr()[0])
-        if action.eps_low is not None:
-            metrics["control/eps_low"] = action.eps_low
-        if action.eps_high is not None:
-            metrics["control/eps_high"] = action.eps_high
-        metrics["control/entropy_coef"] = action.entropy_coef
+        metrics.update(action.metrics())
         metrics.update(self.controller.metrics())
         if probe_before is not None:
             probe_after = self.probe_entropy()

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import torch
 from transformers import PreTrainedModel
 
+from entroclip.compiling import CompileCache
 from entroclip.entropy import token_entropy, token_stats
 from entroclip.policy.sampling import Rollout, response_logits, token_logprobs
-from entroclip.update import StepFunctions
 
 
 def logp_and_entropy(
@@ -35,7 +35,7 @@ def response_logp(model: PreTrainedModel, rollout: Rollout, temperature: float) 
 
 
 @contextlib.contextmanager
-def compiled_passes(model: PreTrainedModel, functions: StepFunctions, device: torch.device) -> Iterator[None]:
+def compiled_passes(model: PreTrainedModel, functions: CompileCache, device: torch.device) -> Iterator[None]:
     """Around the policy's passes that ``run.compile`` compiles: on a CPU, the model's plain ("eager")
     attention instead of SDPA, since inductor fuses its masking and softmax with the neighbouring
     operations while the SDPA kernel stays a separate call (the compiled update is faster, see

@@ -12,6 +12,7 @@ from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroclip.advantages import gae, group_advantages, masked_whiten
+from entroclip.compiling import CompileCache
 from entroclip.config import Config
 from entroclip.distributed import DistContext
 from entroclip.entropy import token_stats
@@ -29,7 +30,7 @@ from entroclip.rewards import Reward, RewardFailureMonitor, RewardResult, Reward
 from entroclip.rl.passes import compiled_passes, logp_and_entropy
 from entroclip.runio import derive_seed
 from entroclip.tasks import Example, Task
-from entroclip.update import StepFunctions, UpdateBatch
+from entroclip.update import UpdateBatch
 from entroclip.value import ValueHead, terminal_rewards
 
 
@@ -64,7 +65,7 @@ class Policies:
     model: PreTrainedModel
     value_head: ValueHead | None
     ref_model: PreTrainedModel | None
-    functions: StepFunctions
+    functions: CompileCache
 
 
 class Collector:
@@ -117,7 +118,7 @@ class Collector:
             old_values = None
             if value_head is None:
                 with compiled_passes(model, policies.functions, ctx.device):
-                    logp_old, entropy = policies.functions.run(
+                    logp_old, entropy = policies.functions.call(
                         logp_and_entropy, model, rollout, c.rollout.temperature
                     )
             else:
