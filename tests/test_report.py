@@ -176,6 +176,145 @@ def test_describe_and_welch_by_hand():
     assert welch_test([1.0, 1.0], [1.0, 1.0]).p is None
 
 
+# Independent references for the scipy-backed statistics: closed forms of Student's t for df = 1, 2, 4,
+# and, for any df, the hand-written functions that report.py used before scipy (evaluated in float64).
+
+
+def _t_cdf_closed(t: float, df: int) -> float:
+    """Student-t CDF in closed form for df = 1 (Cauchy), 2 and 4."""
+    if df == 1:
+        return 0.5 + math.atan(t) / math.pi
+    if df == 2:
+        return 0.5 + t / (2.0 * math.sqrt(2.0 + t * t))
+    assert df == 4
+    u = t / math.sqrt(4.0 + t * t)  # sin of the angle; F = 1/2 + (3/4) u (1 - u^2 / 3)
+    return 0.5 + 0.75 * u * (1.0 - u * u / 3.0)
+
+
+def _t_quantile_closed(p: float, df: int) -> float:
+    """Student-t quantile in closed form for df = 1, 2 and 4."""
+    if df == 1:
+        return math.tan(math.pi * (p - 0.5))
+    if df == 2:
+        return (2.0 * p - 1.0) / math.sqrt(2.0 * p * (1.0 - p))
+    assert df == 4
+    q = 4.0 * p * (1.0 - p)
+    return math.copysign(
+        2.0 * math.sqrt(math.cos(math.acos(math.sqrt(q)) / 3.0) / math.sqrt(q) - 1.0), p - 0.5
+    )
+
+
+def _hand_betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b) by the modified-Lentz continued fraction (the old report.py)."""
+
+    def fraction(a: float, b: float, x: float) -> float:
+        tiny = 1e-300
+        c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        h = d
+        for m in range(1, 500):
+            for aa in (
+                m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+            ):
+                d = 1.0 + aa * d
+                d = 1.0 / (d if abs(d) > tiny else tiny)
+                c = 1.0 + aa / c
+                c = c if abs(c) > tiny else tiny
+                h *= d * c
+            if abs(d * c - 1.0) < 1e-15:
+                break
+        return h
+
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * fraction(a, b, x) / a
+    return 1.0 - front * fraction(b, a, 1.0 - x) / b
+
+
+def _hand_t_cdf(t: float, df: float) -> float:
+    tail = 0.5 * _hand_betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def _hand_t_quantile(p: float, df: float) -> float:
+    """Bisection to a bracket 1e-12 wide relative to its top, its midpoint (p > 0.5)."""
+    lo, hi = 0.0, 1.0
+    while _hand_t_cdf(hi, df) < p:
+        lo, hi = hi, 2.0 * hi
+    while hi - lo > 1e-12 * hi:
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if _hand_t_cdf(mid, df) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def _hand_welch(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """(t, Welch-Satterthwaite df, two-sided p) by the formulas, in float64."""
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    t = (np.mean(a) - np.mean(b)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return float(t), float(df), _hand_betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+@pytest.mark.parametrize("df", [1, 2, 4])
+def test_t_cdf_and_quantile_match_closed_forms(df):
+    # A handful of float64 operations: ~1e-15 relative, checked at 1e-13; the closed-form CDFs add a term
+    # to 1/2, so in the far tail they are good only to ~1e-16 absolute, checked at 1e-15.
+    for t in (-30.0, -4.0, -1.0, -0.1, 0.0, 0.5, 2.0, 4.303, 12.7):
+        assert t_cdf(t, df) == pytest.approx(_t_cdf_closed(t, df), rel=1e-13, abs=1e-15)
+    for p in (0.025, 0.1, 0.4, 0.6, 0.9, 0.975, 0.999):
+        assert t_quantile(p, df) == pytest.approx(_t_quantile_closed(p, df), rel=1e-13)
+
+
+@pytest.mark.parametrize("df", [1.0, 1.5, 2.7, 4.0, 5.3, 9.0, 29.0, 120.0])
+def test_t_cdf_and_quantile_match_hand_written(df):
+    # The continued fraction stops at 1e-15 and 1 - tail loses ~1e-16 absolute: 1e-13 absolute on the CDF.
+    for t in (-6.0, -2.0, -0.3, 0.7, 2.2, 8.0):
+        assert t_cdf(t, df) == pytest.approx(_hand_t_cdf(t, df), rel=0.0, abs=1e-13)
+    # The bisection's midpoint is within 5e-13 relative of its own root: checked at 1e-12 (p away from
+    # 1/2, where the root is near 0 and the hand CDF's absolute error dominates the relative one).
+    for p in (0.6, 0.9, 0.975, 0.995):
+        assert t_quantile(p, df) == pytest.approx(_hand_t_quantile(p, df), rel=1e-12)
+        assert t_quantile(1.0 - p, df) == pytest.approx(-_hand_t_quantile(p, df), rel=1e-12)
+    with pytest.raises(ValueError, match="df must be > 0"):
+        t_quantile(0.975, 0.0)
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_describe_interval_matches_closed_form(n):
+    values = [0.1 * i + 0.37 * i * i for i in range(n)]
+    mean, std, ci = describe(values)
+    assert mean == pytest.approx(sum(values) / n, rel=1e-15)
+    assert std == pytest.approx(float(np.std(values, ddof=1)), rel=1e-14)
+    quantile = _t_quantile_closed(0.975, n - 1)  # df = 1, 2, 4
+    assert ci == pytest.approx(quantile * float(np.std(values, ddof=1)) / math.sqrt(n), rel=1e-13)
+
+
+def test_welch_matches_closed_forms_and_hand_written():
+    # One side constant, n = 3: df = 2 exactly and p = 1 - t / sqrt(2 + t^2), t = 2 sqrt(3).
+    res = welch_test([0.3, 0.4, 0.5], [0.2, 0.2, 0.2])
+    assert res.t == pytest.approx(2 * math.sqrt(3), rel=1e-13) and res.df == pytest.approx(2.0, rel=1e-13)
+    assert res.p == pytest.approx(1 - 2 * math.sqrt(3) / math.sqrt(14), rel=1e-13)
+    # Equal variances and n = 3 on both sides: df = 4, p from the df = 4 closed-form CDF.
+    res = welch_test([1.0, 2.0, 4.0], [3.0, 4.0, 6.0])
+    assert res.df == pytest.approx(4.0, rel=1e-13)
+    assert res.p == pytest.approx(2 * (1 - _t_cdf_closed(abs(res.t or 0.0), 4)), rel=1e-13)
+    # Fractional df, unequal sizes: the formulas with the hand-written incomplete beta, 1e-12 relative
+    # (scipy and the formulas differ in the last digits of t, df and I_x; observed < 3e-14).
+    rng = np.random.default_rng(7)
+    for n, m in [(2, 5), (3, 4), (4, 7), (6, 3), (9, 2)]:
+        a = rng.normal(0.0, rng.uniform(0.1, 2.0), n).tolist()
+        b = rng.normal(rng.uniform(-2.0, 2.0), 1.0, m).tolist()
+        t, df, p = _hand_welch(a, b)
+        res = welch_test(a, b)
+        assert res.diff == pytest.approx(float(np.mean(a) - np.mean(b)), rel=1e-14)
+        assert (res.t, res.df, res.p) == pytest.approx((t, df, p), rel=1e-12)
+
+
 def test_ema():
     assert ema(np.full(5, 3.0), 0.9) == pytest.approx(np.full(5, 3.0))
     assert ema(np.array([1.0, 3.0]), 0.5) == pytest.approx([1.0, (0.25 + 1.5) / 0.75])
@@ -337,3 +476,203 @@ def test_study_report_and_plots(tmp_path):
     for rel in ("plots/probe_entropy.png", "plots/clip_fractions.png"):
         assert f"]({rel})" in text
         assert_png(out / rel)
+
+
+# --- golden output: report.md and summary.json as written before report.py became a package -------------
+
+GOLDEN = Path(__file__).parent / "golden" / "report"
+ROOT_MARK = "<root>"
+
+
+def _noise(*key: int) -> float:
+    """A fixed pseudo-random number in [0, 1) from integers (integer arithmetic: same on every machine)."""
+    h = 0
+    for k in key:
+        h = (h * 1_000_003 + k * 7919 + 104_729) % 2_147_483_647
+    return (h % 10_007) / 10_007
+
+
+def _golden_run(
+    root: Path,
+    name: str,
+    config: dict,
+    steps: int,
+    *,
+    salt: int,
+    change: float,
+    full: bool = True,
+    eval_every: int = 0,
+    pass1: float = 0.3,
+    target: float | None = None,
+) -> Path:
+    """A run folder written by hand: probe entropy moving by about ``change``, noisy clip fractions, etc."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    rows = []
+    for s in range(1, steps + 1):
+        u = [_noise(salt, s, j) for j in range(12)]
+        row: dict = {"step": s, "entropy/rollout": 1.5 + change * s / steps + 0.05 * u[0]}
+        row["reward/mean"] = None if s == 3 else 0.05 * s + 0.1 * u[1]
+        if full:
+            row.update(
+                {
+                    "entropy/probe_before": 2.0 + change * (s - 1) / steps + 0.01 * u[2],
+                    "entropy/probe_after": 2.0 + change * s / steps + 0.01 * u[3],
+                    "clip_ratio/low_mean": 0.02 * u[4],
+                    "clip_ratio/high_mean": 0.05 * u[5],
+                    "entropy/effect_low": 0.4 + 0.2 * u[6],
+                    "entropy/effect_high": -0.3 - 0.2 * u[7],
+                    "entropy/effect_pos": -0.1 * u[8],
+                    "entropy/effect_neg": 0.1 * u[9],
+                    "ratio/mean": 1.0 + 0.01 * (u[10] - 0.5),
+                    "ratio/min": 0.6 + 0.1 * u[10],
+                    "ratio/max": 1.3 + 0.2 * u[11],
+                }
+            )
+        if salt % 3 == 0:  # some runs log the dual clip too
+            row.update({"clip_ratio/dual_mean": 0.001 * u[8], "entropy/effect_dual": 0.05 * u[9]})
+        if eval_every and s % eval_every == 0:
+            row.update({"eval/pass@1": pass1 + 0.1 * u[10], "eval/pass@k": 0.5 + 0.02 * s, "eval/k": 8})
+        if target is not None:
+            late = s > 4
+            row.update(
+                {
+                    "control/target": target,
+                    "entropy/rollout": target * (1 + (0.2 * u[0] - 0.1) * (1 + salt % 2)) if late else 2.5,
+                    "control/eps_low": 0.2 + 0.01 * u[1],
+                    "control/entropy_coef": 0.001 * u[2],
+                }
+            )
+        rows.append(json.dumps(row))
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    return run
+
+
+def _config(eps_low: float | None, eps_high: float | None, seed: int, steps: int, **extra: dict) -> dict:
+    return {
+        "loss": {"eps_low": eps_low, "eps_high": eps_high},
+        "rollout": {"temperature": 1.0},
+        "run": {"seed": seed, "steps": steps},
+        "control": {"kind": "none"},
+        **extra,
+    }
+
+
+def golden_runs(root: Path) -> list[Path]:
+    """Three runs for ``write_report``: full metrics with evaluations, clip-low off and cut short, bare."""
+    full = _golden_run(root, "runs/std", _config(0.2, 0.28, 0, 9), 9, salt=3, change=0.4, eval_every=3)
+    off_config = _config(None, 0.28, 1, 10, rollout={"temperature": 0.7})
+    off = _golden_run(root, "runs/off", off_config, 6, salt=1, change=-0.5)
+    bare = _golden_run(root, "runs/bare", {"loss": {"eps_low": 0.1}}, 5, salt=2, change=0.2, full=False)
+    return [full, off, bare]
+
+
+def golden_study(root: Path) -> dict[str, list[Path]]:
+    """Settings x seeds: a baseline, unequal seed counts (fractional Welch df), p < 0.001, one seed, and
+    a controller whose hold error counts after the default warm-up."""
+    steps = 24
+
+    def setting(label: str, eps: tuple, n: int, change: float, pass1: float) -> list[Path]:
+        return [
+            _golden_run(
+                root,
+                f"study/{label}/s{seed}",
+                _config(*eps, seed, steps),
+                steps,
+                salt=100 * len(label) + seed,
+                change=change + 0.2 * _noise(len(label), seed),
+                eval_every=6,
+                pass1=pass1 + 0.2 * _noise(seed, len(label)),
+            )
+            for seed in range(n)
+        ]
+
+    control = {"control": {"kind": "entropy_target"}}
+    return {
+        "standard": setting("standard", (0.2, 0.2), 3, 0.1, 0.3),
+        "clip-high only": setting("clip-high only", (None, 0.28), 4, -0.4, 0.35),
+        "clip-low": setting("clip-low", (0.05, 0.2), 3, 2.0, 0.31),
+        "single": setting("single", (0.1, 0.3), 1, 0.0, 0.3),
+        "target": [
+            _golden_run(
+                root,
+                f"study/target/s{seed}",
+                _config(0.2, 0.2, seed, steps, **control),
+                steps,
+                salt=7 + seed,
+                change=0.1 * seed,
+                eval_every=8,
+                target=1.2,
+            )
+            for seed in range(3)
+        ],
+    }
+
+
+def write_golden_outputs(root: Path) -> dict[str, str]:
+    """Write a run report and two study reports under ``root``; their texts (run paths as ``<root>``),
+    plus ``files.txt``: every file written into the output folders."""
+    from entroclip.report import write_report, write_study_report
+
+    write_report(golden_runs(root), root / "report")  # as `entroclip report RUN... --out`
+    groups = golden_study(root)
+    write_study_report(groups, root / "sweep", title="Sweep of base.yaml", baseline="standard")
+    subset = {k: groups[k] for k in ("clip-high only", "single", "target")}
+    write_study_report(subset, root / "study_nobase", hold_after=5, smooth=0.5)
+    texts = {}
+    for folder in ("report", "sweep", "study_nobase"):
+        for name in ("report.md", "summary.json"):
+            if (root / folder / name).exists():
+                texts[f"{folder}/{name}"] = (root / folder / name).read_text().replace(str(root), ROOT_MARK)
+    written = sorted(
+        p.relative_to(root).as_posix()
+        for folder in ("report", "sweep", "study_nobase")
+        for p in (root / folder).rglob("*")
+        if p.is_file()
+    )
+    texts["files.txt"] = "\n".join(written) + "\n"
+    return texts
+
+
+def _assert_json_close(got: object, want: object, where: str = "") -> None:
+    """Equal JSON, except that floats under ``*_ci95`` and ``*_p`` keys may differ by 1e-10 relative: scipy's
+    t quantile and Welch p-value against the hand-written bisection (stopped at 1e-12 relative) and
+    continued fraction (stopped at 1e-15) that wrote the golden files."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), where
+        for key in want:
+            _assert_json_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_json_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float) and where.endswith(("_ci95", "_p")):
+        assert isinstance(got, float) and got == pytest.approx(want, rel=1e-10, abs=0.0), where
+    else:
+        assert type(got) is type(want) and got == want, where
+
+
+def test_outputs_match_golden(tmp_path):
+    """report.md texts are identical to those the pre-package report.py wrote; summary.json equal up to
+    the last digits of the interval half-widths and p-values; the same files (PNGs included) written."""
+    texts = write_golden_outputs(tmp_path)
+    assert sorted(texts) == sorted(p.relative_to(GOLDEN).as_posix() for p in GOLDEN.rglob("*") if p.is_file())
+    for name, text in texts.items():
+        want = (GOLDEN / name).read_text()
+        if name.endswith(".json"):
+            _assert_json_close(json.loads(text), json.loads(want), name)
+        else:
+            assert text == want, name
+    for rel in texts["files.txt"].split():
+        if rel.endswith(".png"):
+            assert_png(tmp_path / rel)
+
+
+if __name__ == "__main__":  # python tests/test_report.py: rewrite tests/golden/report/
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in write_golden_outputs(Path(tmp)).items():
+            (GOLDEN / name).parent.mkdir(parents=True, exist_ok=True)
+            (GOLDEN / name).write_text(text)
