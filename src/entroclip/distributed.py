@@ -212,3 +212,19 @@ def _sharded_like(value: Any, param: Tensor) -> Any:
             value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
         )
     return value
+
+
+def place(module: nn.Module, ctx: DistContext, sharded: bool) -> None:
+    """Move ``module`` to this rank's device, or shard it over the ranks (``run.parallel: fsdp``)."""
+    if sharded:
+        shard_module(module, ctx)
+    else:
+        module.to(ctx.device)
+
+
+def data_parallel(module: nn.Module, ctx: DistContext, sharded: bool) -> nn.Module:
+    """``module`` wrapped in DistributedDataParallel when there are several ranks (unless sharded)."""
+    if not ctx.enabled or sharded:
+        return module
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)

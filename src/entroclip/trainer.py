@@ -28,9 +28,6 @@ from transformers import PreTrainedModel
 
 from entroclip.allocator import keep_freed_memory
 from entroclip.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    list_checkpoints,
     save_checkpoint,
 )
 from entroclip.compiling import CompileCache
@@ -39,11 +36,10 @@ from entroclip.consoles import unwrapped_console
 from entroclip.control import make_controller
 from entroclip.distributed import (
     DistContext,
+    data_parallel,
     full_optimizer_state,
-    full_state_dict,
-    load_full_state_dict,
     load_optimizer_state,
-    shard_module,
+    place,
 )
 from entroclip.logging import MetricsLogger
 from entroclip.policy.builtin import save_builtin
@@ -73,34 +69,20 @@ from entroclip.rl.optim import make_optimizer, make_scheduler, trainable_paramet
 from entroclip.rl.passes import compiled_passes, response_entropy, response_logp
 from entroclip.rl.probe import masked_mean, read_probe, write_probe
 from entroclip.rl.rollout import Collector, Policies, Sampler
+from entroclip.rl.state import gather_weights, load_weights, resume_point
 from entroclip.runio import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
-    METRICS_FILE,
     PROBE_FILE,
     atomic_write_text,
     config_fingerprint,
     derive_seed,
-    logged_lines,
     prepare_run_dir,
 )
 from entroclip.tasks import Task, make_task
 from entroclip.trust import check_config_code
 from entroclip.update import RunSettings, run_update
 from entroclip.value import ValueHead
-
-VALUE_PREFIX = "value_head."
-
-#: the trainer state saved in a checkpoint's state.pt besides the optimizer's own
-CHECKPOINT_STATE_KEYS = (
-    "step",
-    "optimizer",
-    "scheduler",
-    "consecutive_skips",
-    "controller",
-    "skipped_total",
-    "tied_weights",
-)
 
 
 class TrainingStopped(RuntimeError):
@@ -172,7 +154,7 @@ class Trainer:
         self.value_head = ValueHead(self.model.config.hidden_size) if config.advantage.kind == "gae" else None
         for module in (self.model, self.ref_model, self.value_head):
             if module is not None:
-                self._place(module)
+                place(module, self.ctx, self.sharded)
         params = trainable_parameters(self.model, self.value_head)
         # weights and the two AdamW moments, plus room for metrics and events
         check_free_space(self.run_dir, 3 * sum(p.numel() * p.element_size() for p in params) + 2**20)
@@ -187,8 +169,10 @@ class Trainer:
         if resume:
             self._restore()
         self.vllm = self.sampler.vllm = self._vllm_sampler()
-        self.train_model = self._data_parallel(self.model)
-        self.train_value_head = self._data_parallel(self.value_head) if self.value_head is not None else None
+        self.train_model = data_parallel(self.model, self.ctx, self.sharded)
+        self.train_value_head = (
+            data_parallel(self.value_head, self.ctx, self.sharded) if self.value_head is not None else None
+        )
         # on a CPU, a C++ wrapper around inductor's kernels spares their Python calls (tiny-0.1m: the
         # compiled step about 7% faster, for a few more seconds of compilation)
         cpp_wrapper = {"cpp_wrapper": True} if self.ctx.device.type == "cpu" else None
@@ -225,20 +209,6 @@ class Trainer:
         sampler.sync_weights(self.model)  # a resumed run starts from its checkpoint
         return sampler
 
-    def _place(self, module: torch.nn.Module) -> None:
-        """Move ``module`` to this rank's device, or shard it over the ranks (``run.parallel: fsdp``)."""
-        if self.sharded:
-            shard_module(module, self.ctx)
-        else:
-            module.to(self.ctx.device)
-
-    def _data_parallel(self, module: torch.nn.Module) -> torch.nn.Module:
-        """``module`` wrapped in DistributedDataParallel when there are several ranks (unless sharded)."""
-        if not self.ctx.enabled or self.sharded:
-            return module
-        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return torch.nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
-
     def _load_initial_policy(self) -> tuple[PreTrainedModel, Any]:
         m = self.config.model
         dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
@@ -270,46 +240,17 @@ class Trainer:
 
     def save(self) -> Path:
         """Checkpoint the current state: every rank takes part in gathering it whole, rank 0 writes."""
-        weights = full_state_dict(self.model)
-        if self.value_head is not None:
-            weights.update({VALUE_PREFIX + k: v for k, v in full_state_dict(self.value_head).items()})
-        state = self._state()
+        weights, state = gather_weights(self.model, self.value_head), self._state()
         if not self.ctx.is_main:
             return self.run_dir / CHECKPOINT_DIR
         run_files = [PROBE_FILE] if (self.run_dir / PROBE_FILE).is_file() else []
         return save_checkpoint(self.run_dir, self.step, weights, state, self.fingerprint, run_files)
 
     def _restore(self) -> None:
-        """Load the newest checkpoint that ``metrics.jsonl`` covers: a log cut, emptied or edited before a
-        later checkpoint's step makes the run replay from an earlier one (or from the start), so the log
-        never has holes."""
-        logged = len(logged_lines(self.run_dir))
-        newest = list_checkpoints(self.run_dir)[-1:]
-        ckpt = latest_checkpoint(self.run_dir, self.fingerprint, up_to_step=logged)
-        if newest and (ckpt is None or ckpt.step < newest[0][0]):
-            start = f"checkpoint step {ckpt.step}" if ckpt is not None else "the start"
-            self.console.print(
-                f"[yellow]warning:[/] {METRICS_FILE} logs steps 1-{logged} only, before checkpoint step "
-                f"{newest[0][0]}: replaying from {start}",
-                highlight=False,
-            )
+        ckpt = resume_point(self.run_dir, self.fingerprint, self.console)
         if ckpt is None:
             return
-        missing = [k for k in CHECKPOINT_STATE_KEYS if k not in ckpt.state]
-        if missing:
-            raise CheckpointError(f"{ckpt.path}: state.pt lacks {', '.join(missing)}")
-        model_weights = {k: v for k, v in ckpt.weights.items() if not k.startswith(VALUE_PREFIX)}
-        result = load_full_state_dict(self.model, model_weights, strict=False)
-        if result.unexpected_keys or set(result.missing_keys) - set(ckpt.state["tied_weights"]):
-            raise CheckpointError(
-                f"{ckpt.path}: weights do not fit the model (missing {result.missing_keys}, "
-                f"unexpected {result.unexpected_keys})"
-            )
-        if self.value_head is not None:
-            head = {
-                k.removeprefix(VALUE_PREFIX): v for k, v in ckpt.weights.items() if k.startswith(VALUE_PREFIX)
-            }
-            load_full_state_dict(self.value_head, head, strict=True)
+        load_weights(ckpt, self.model, self.value_head)
         load_optimizer_state(self.optimizer, ckpt.state["optimizer"])
         self.scheduler.load_state_dict(ckpt.state["scheduler"])
         self.step = ckpt.state["step"]

@@ -16,12 +16,13 @@ import torch
 from torch import Tensor
 
 from entroclip import metrics as names
+from entroclip.attribution import EFFECT_KEYS, attribution_terms
 from entroclip.compiling import EAGER, CompileCache
 from entroclip.config import Config
 from entroclip.control import ControlAction
 from entroclip.covariance import CovSettings, covariance_terms
 from entroclip.distributed import DistContext, global_loss_factor
-from entroclip.entropy import EFFECT_KEYS, attribution_terms, token_stats
+from entroclip.entropy import token_stats
 from entroclip.objectives import Aggregation, KLKind, surrogate_terms
 from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden
 from entroclip.value import clipped_value_loss

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from entroclip.entropy import clip_attribution
+from entroclip.attribution import clip_attribution
 from entroclip.objectives import SurrogateOutput, broadcast_advantages
 
 #: the :attr:`SurrogateOutput.stats` entries an adapter reports (means over the call's response tokens)
