@@ -77,7 +77,7 @@ def test_small_space_is_covered_exactly():
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: AdditionTask(digits=0), "digits must be an int in [1, 1000]"),
+        (lambda: AdditionTask(digits=0), r"digits must be an int in \[1, 1000\]"),
         (lambda: ReverseTask(eval_fraction=1.0), r"eval_fraction must be in \[0, 1\)"),
         (lambda: AdditionTask().examples(-1, 0), "n must be a non-negative int"),
         (lambda: AdditionTask().examples(2, seed=-1), "seed must be a non-negative int"),

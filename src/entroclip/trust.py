@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 
 from entroclip.config import Config, ConfigError
-from entroclip.tasks.registry import check_import_path, is_import_path
+from entroclip.registry import check_import_path, is_import_path
 
 ALLOW_CODE_ENV = "ENTROCLIP_ALLOW_CODE"
 

@@ -10,8 +10,8 @@ from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 
+from entroclip.registry import check_options
 from entroclip.tasks.base import Example
-from entroclip.tasks.registry import check_options
 
 #: A reward function scores one completion: ``(completion, example) -> float``.
 RewardFn = Callable[[str, Example], float]

@@ -7,8 +7,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from entroclip.registry import Registry, check_options
 from entroclip.rewards.base import ISOLATIONS, Isolation, Reward, reward_from_function
-from entroclip.tasks.registry import Registry, check_options
 
 REWARDS: Registry[Reward] = Registry(
     "reward",
