@@ -9,7 +9,9 @@ Modules, one job each:
 - ``theorems``: Theorems 1 and 2 in closed form, the finite-difference check, Ineq. 7 along a path;
 - ``simulation``: one inner step, one update and trajectories over many seeds at once;
 - ``phase``: drift over a grid of clip bounds and the eps_low that holds entropy steady;
-- ``plots`` and ``cli``: CSV / PNG output and ``entroclip theory ...``.
+- ``plots``: CSV tables and PNG figures;
+- ``cli``: ``entroclip theory ...``, with its shared options in ``options`` and what it shows and writes
+  in ``output``.
 """
 
 from entroclip.theory.phase import Balance, PhaseDiagram, balance_eps_low, phase_diagram
@@ -31,7 +33,7 @@ from entroclip.theory.theorems import (
     closed_form_step,
     entropy_directional_derivative,
 )
-from entroclip.theory.updates import DEFAULT_LR, NO_CLIP, ClipBounds, LabConfig, run_update, sample_batch
+from entroclip.theory.updates import DEFAULT_LR, NO_CLIP, ClipBounds, LabConfig, lab_update, sample_batch
 
 __all__ = [
     "DEFAULT_LR",
@@ -54,8 +56,8 @@ __all__ = [
     "entropy_directional_derivative",
     "estimate_drift",
     "initial_logits",
+    "lab_update",
     "phase_diagram",
-    "run_update",
     "sample_batch",
     "simulate_trajectory",
     "temper_to_entropy",

@@ -53,10 +53,7 @@ def phase_diagram(
     batch = sample_batch(start, config, generator)
 
     def drift_at(clip: ClipBounds) -> Tensor:
-        drift, _ = update_drift(start, batch, config.with_clip(clip))
-        if progress is not None:
-            progress(1)
-        return drift
+        return update_drift(start, batch, config.with_clip(clip), progress=progress)[0]
 
     unclipped = Estimate.from_samples(drift_at(NO_CLIP))
     means = torch.empty(len(eps_lows), len(eps_highs), dtype=torch.float64)
@@ -221,10 +218,7 @@ def balance_eps_low(
 
     def drift_at(eps_low: float, batch: Batch) -> Tensor:
         clip = ClipBounds(eps_low, eps_high, config.clip.dual_clip)
-        drift, _ = update_drift(start, batch, config.with_clip(clip))
-        if progress is not None:
-            progress(1)
-        return drift
+        return update_drift(start, batch, config.with_clip(clip), progress=progress)[0]
 
     def search_drift(eps_low: float) -> float:
         mean = drift_at(eps_low, search).mean().item()

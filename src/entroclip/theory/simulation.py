@@ -31,8 +31,8 @@ from entroclip.theory.updates import (
     ClipFractions,
     LabConfig,
     StepObserver,
+    lab_update,
     make_optimiser,
-    run_update,
     sample_batch,
 )
 
@@ -112,7 +112,7 @@ def check_step(
     def step(clip: ClipBounds) -> tuple[Tensor, Tensor]:
         moved = current.clone()
         first_order = FirstOrderChange(replicates, moved.logits.dtype)
-        run_update(moved, batch, one_step.with_clip(clip), observer=first_order)
+        lab_update(moved, batch, one_step.with_clip(clip), observer=first_order)
         return first_order.first_order, moved.entropy().mean(-1) - before
 
     first_order, realised = step(config.clip)
@@ -186,12 +186,20 @@ class DriftEstimate:
 
 
 def update_drift(
-    start: SoftmaxState, batch: Batch, config: LabConfig, observer: StepObserver | None = None
+    start: SoftmaxState,
+    batch: Batch,
+    config: LabConfig,
+    observer: StepObserver | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, ClipFractions]:
-    """Entropy change ``[S]`` of one update of a copy of ``start`` on ``batch``, with its clip fractions."""
+    """Entropy change ``[S]`` of one update of a copy of ``start`` on ``batch``, with its clip fractions;
+    the update is one ``progress`` unit."""
     policy = start.clone()
-    fractions = run_update(policy, batch, config, make_optimiser(policy, config), observer)
-    return policy.entropy().mean(-1) - start.entropy().mean(-1), fractions
+    fractions = lab_update(policy, batch, config, make_optimiser(policy, config), observer)
+    drift = policy.entropy().mean(-1) - start.entropy().mean(-1)
+    if progress is not None:
+        progress(1)
+    return drift, fractions
 
 
 def counterfactuals(clip: ClipBounds) -> dict[str, ClipBounds]:
@@ -220,14 +228,10 @@ def estimate_drift(
     start = broadcast_policy(logits, seeds)
     batch = sample_batch(start, config, generator)
     theory = PathTheory(start, config)
-    drift, fractions = update_drift(start, batch, config, theory)
-    if progress is not None:
-        progress(1)
+    drift, fractions = update_drift(start, batch, config, theory, progress)
     drifts = {}
     for name, clip in counterfactuals(config.clip).items():
-        drifts[name], _ = update_drift(start, batch, config.with_clip(clip))
-        if progress is not None:
-            progress(1)
+        drifts[name], _ = update_drift(start, batch, config.with_clip(clip), progress=progress)
     predicted = theory.predicted if config.theorem_applies else None
     low, high, dual = (None, None, None) if predicted is None else predicted.mean(0).tolist()
     return DriftEstimate(
@@ -269,6 +273,11 @@ class Trajectory:
     sign_conditions: SignConditions | None = None
     counterexample: Counterexample | None = None
 
+    @property
+    def updates(self) -> int:
+        """T, the number of updates run."""
+        return self.clip_fractions.shape[0]
+
 
 def simulate_trajectory(
     logits: Tensor,
@@ -305,7 +314,7 @@ def simulate_trajectory(
     for _ in range(updates):
         batch = sample_batch(policy, config, generator)
         theory = PathTheory(policy, config, signs, theory_seeds) if track_theory else None
-        clipped = run_update(policy, batch, config, adam, theory)
+        clipped = lab_update(policy, batch, config, adam, theory)
         fractions.append(torch.tensor([clipped.low, clipped.high, clipped.dual]))
         if theory is not None:
             first_order.append(theory.first_order.mean())

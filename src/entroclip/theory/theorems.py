@@ -209,7 +209,7 @@ class Counterexample:
 
 
 class FirstOrderChange:
-    """Observer of :func:`~entroclip.theory.updates.run_update`: per seed ``[S]``, the sum over inner
+    """Observer of :func:`~entroclip.theory.updates.lab_update`: per seed ``[S]``, the sum over inner
     steps of <dH/dtheta, step actually taken>, H the mean entropy over contexts (the first-order part of
     the update's entropy change)."""
 

@@ -355,21 +355,22 @@ class ClipFractions:
 
 
 class StepObserver(Protocol):
-    """Hook called around every inner step of :func:`run_update` (e.g. ``theory.theorems.PathTheory``)."""
+    """Hook called around every inner step of :func:`lab_update` (e.g. ``theory.theorems.PathTheory``)."""
 
     def before_step(self, policy: SoftmaxState) -> None: ...
 
     def after_step(self, policy: SoftmaxState) -> None: ...
 
 
-def run_update(
+def lab_update(
     policy: SoftmaxState,
     batch: Batch,
     config: LabConfig,
     adam: LogitAdam | None = None,
     observer: StepObserver | None = None,
 ) -> ClipFractions:
-    """Apply one update (all passes and minibatches of ``batch``) to ``policy`` in place."""
+    """Apply one update (all passes and minibatches of ``batch``) to ``policy`` in place: the lab's
+    tabular counterpart of the trainer's :func:`entroclip.update.run_update`."""
     fractions = []
     for minibatch in batch.minibatches(config.minibatches):
         logp_new = policy.log_probs_at(minibatch.flat_actions, minibatch.contexts)
