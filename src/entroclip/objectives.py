@@ -21,6 +21,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from entroclip import metrics as names
+
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KLKind = Literal["k1", "k2", "k3"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
@@ -279,7 +281,7 @@ def surrogate_terms(
         extra["kl/ref"] = kl_term.detach()
 
     if detach is not None:
-        extra["clip_ratio/cov_mean"] = detached.sum() / mask.sum().clamp(min=1)
+        extra[names.CLIP_COV] = detached.sum() / mask.sum().clamp(min=1)
     out = SurrogateOutput(loss, pg_loss, clip_low, clip_high, dual, detached, r, scale)
     return out, extra
 
@@ -301,14 +303,14 @@ def _surrogate_stats(
     ratio_max = torch.where(mask, ratio, torch.full_like(ratio, -big)).max()
     one = torch.ones((), dtype=ratio.dtype, device=ratio.device)
     values = {
-        "loss/pg": pg_loss,
-        "clip_ratio/low_mean": clip_low.sum() / n,
-        "clip_ratio/high_mean": clip_high.sum() / n,
-        "clip_ratio/region_mean": (clip_low | clip_high).sum() / n,
-        "clip_ratio/dual_mean": dual.sum() / n,
-        "ratio/mean": torch.where(mask, ratio, torch.zeros_like(ratio)).sum() / n,
-        "ratio/min": torch.where(any_valid, ratio_min, one),
-        "ratio/max": torch.where(any_valid, ratio_max, one),
+        names.LOSS_PG: pg_loss,
+        names.CLIP_LOW: clip_low.sum() / n,
+        names.CLIP_HIGH: clip_high.sum() / n,
+        names.CLIP_REGION: (clip_low | clip_high).sum() / n,
+        names.CLIP_DUAL: dual.sum() / n,
+        names.RATIO_MEAN: torch.where(mask, ratio, torch.zeros_like(ratio)).sum() / n,
+        names.RATIO_MIN: torch.where(any_valid, ratio_min, one),
+        names.RATIO_MAX: torch.where(any_valid, ratio_max, one),
         **extra,
     }
     flat = torch.stack([v.float().reshape(()) for v in values.values()]).tolist()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +15,24 @@ from rich.progress import Progress
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from entroclip.consoles import unwrapped_console
-from entroclip.policy.builtin import save_builtin
+from entroclip.policy.builtin import BUILTIN_MODELS, save_builtin
 from entroclip.policy.loading import format_prompts, load_policy
 from entroclip.policy.sampling import sample
 from entroclip.rewards import make_reward, score_batch
 from entroclip.runio import atomic_write_text
 from entroclip.tasks import Example, Task
+
+#: the file sft writes last: a folder holding it is a finished sft output, which --overwrite may replace
+SUMMARY_FILE = "sft_summary.json"
+
+#: upper bounds of the sft settings: a typo is refused before it runs for days or exhausts the memory
+MAX_STEPS, MAX_PROMPTS, MAX_SEED = 1_000_000, 65536, 2**32 - 1
+
+
+def check_range(option: str, value: int, low: int, high: int) -> None:
+    """Raise a one-line ValueError naming ``option`` and its range unless ``low <= value <= high``."""
+    if not low <= value <= high:
+        raise ValueError(f"{option} must be in [{low}, {high}], got {value}")
 
 
 @dataclass(frozen=True)
@@ -30,6 +44,42 @@ class SFTSettings:
     seed: int = 0
     eval_prompts: int = 256
     chat_template: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Refuse values that cannot train, naming the sft command's option and its range."""
+        for option, value, low, high in (
+            ("--steps", self.steps, 1, MAX_STEPS),
+            ("--batch-size", self.batch_size, 1, MAX_PROMPTS),
+            ("--seed", self.seed, 0, MAX_SEED),
+            ("--eval-prompts", self.eval_prompts, 1, MAX_PROMPTS),
+        ):
+            check_range(option, value, low, high)
+        if not 0 < self.lr <= 1:  # NaN is refused too
+            raise ValueError(f"--lr must be in (0, 1], got {self.lr:g}")
+
+
+def model_folder(model_source: str) -> Path | None:
+    """The local Hugging Face model folder ``model_source`` names, or None for a built-in model name;
+    anything else is refused (a mistyped path must not pass for a built-in name)."""
+    source = Path(model_source)
+    if (source / "config.json").is_file():
+        return source
+    if model_source in BUILTIN_MODELS:
+        return None
+    raise ValueError(
+        f"--model must be a built-in model ({', '.join(sorted(BUILTIN_MODELS))}) or a local Hugging Face "
+        f"model folder with config.json, got {model_source!r}"
+    )
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that is not empty, unless it holds an earlier sft output and ``overwrite``."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if not (out_dir / SUMMARY_FILE).is_file():
+        raise ValueError(f"--out {out_dir} exists and is not an sft output folder (no {SUMMARY_FILE} in it)")
+    if not overwrite:
+        raise ValueError(f"--out {out_dir} holds an earlier sft output (use --overwrite to replace it)")
 
 
 def teacher_forcing_batch(
@@ -67,23 +117,48 @@ def accuracy(
 
 
 def supervised_warmup(
-    task: Task, model_source: str, out_dir: Path, settings: SFTSettings, console: Console | None = None
+    task: Task,
+    model_source: str,
+    out_dir: Path,
+    settings: SFTSettings,
+    console: Console | None = None,
+    overwrite: bool = False,
 ) -> dict[str, float]:
     """Fine-tune on ``task`` examples and save the model + tokenizer to ``out_dir`` with save_pretrained.
 
-    ``model_source`` is a built-in model name or a local model folder. Returns the held-out accuracy of
-    the saved model, reloaded through ``from_pretrained``.
+    ``model_source`` is a built-in model name or a local model folder. ``out_dir`` must be empty or absent,
+    or (with ``overwrite``) hold an earlier sft output. Returns the held-out accuracy of the saved model,
+    reloaded through ``from_pretrained``. Everything is written to a temporary folder beside ``out_dir``
+    that takes its place once complete: a failure leaves ``out_dir`` as it was.
     """
     console = console or unwrapped_console()
+    source = model_folder(model_source)
+    check_out_dir(out_dir, overwrite)
     held_out = task.eval_examples(settings.eval_prompts, seed=settings.seed)  # fails before any training
-    out_dir.mkdir(parents=True, exist_ok=True)
-    source = Path(model_source)
-    if not (source / "config.json").is_file():
-        if task.alphabet is None:
-            raise ValueError(
-                f"a built-in model needs a task with a fixed alphabet; task {task.name!r} has none"
-            )
-        source = save_builtin(model_source, task.alphabet, settings.seed, out_dir / "init")
+    if source is None and task.alphabet is None:
+        raise ValueError(f"a built-in model needs a task with a fixed alphabet; task {task.name!r} has none")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh name (not mkdtemp, whose folder is private to the user), hidden beside --out
+    partial = out_dir.parent / f".{out_dir.name}.{secrets.token_hex(4)}.partial"
+    partial.mkdir()
+    try:
+        if source is None:  # a built-in model, saved with the task's alphabet (checked above)
+            source = save_builtin(model_source, task.alphabet or "", settings.seed, partial / "init")
+        summary = _train_into(source, partial, held_out, settings, task, console)
+        if out_dir.exists():  # empty, or an earlier output that check_out_dir let --overwrite replace
+            shutil.rmtree(out_dir)
+        partial.rename(out_dir)
+    except BaseException:  # Ctrl+C included: a half-written folder would block the re-run
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return summary
+
+
+def _train_into(
+    source: Path, out_dir: Path, held_out: list[Example], settings: SFTSettings, task: Task, console: Console
+) -> dict[str, float]:
+    """supervised_warmup's training of the model in ``source``, saved into ``out_dir`` (its temporary
+    folder) with the summary, written last."""
     model, tokenizer = load_policy(source)
     tokenizer.padding_side = "right"
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.01)
@@ -119,5 +194,5 @@ def supervised_warmup(
     reloaded, reloaded_tokenizer = load_policy(out_dir)
     acc = accuracy(reloaded, reloaded_tokenizer, held_out, settings.chat_template, settings.seed)
     summary = {"final_loss": loss_value, "accuracy": acc, "steps": float(total)}
-    atomic_write_text(out_dir / "sft_summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary

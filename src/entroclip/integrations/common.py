@@ -7,16 +7,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from entroclip import metrics as names
 from entroclip.attribution import clip_attribution
 from entroclip.objectives import SurrogateOutput, broadcast_advantages
 
 #: the :attr:`SurrogateOutput.stats` entries an adapter reports (means over the call's response tokens)
 SURROGATE_KEYS = (
-    "clip_ratio/low_mean",
-    "clip_ratio/high_mean",
-    "clip_ratio/region_mean",
-    "clip_ratio/dual_mean",
-    "ratio/mean",
+    names.CLIP_LOW,
+    names.CLIP_HIGH,
+    names.CLIP_REGION,
+    names.CLIP_DUAL,
+    names.RATIO_MEAN,
 )
 
 #: how an adapter computes the entropy sensitivity kappa for ``entropy/effect_*``

@@ -32,6 +32,7 @@ from torch import Tensor
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
+from entroclip import metrics as names
 from entroclip.config import ControlConfig, LossConfig
 from entroclip.control import ControlAction, make_controller
 from entroclip.entropy import entropy_sensitivity
@@ -219,11 +220,11 @@ class EntroclipGRPOTrainer(GRPOTrainer):
         """Clip fractions, ratio, entropy and KL as token-weighted means over ranks; bounds in force."""
         valid = mask.bool()
         per_token = {
-            "clip_ratio/low_mean": out.clip_low,
-            "clip_ratio/high_mean": out.clip_high,
-            "clip_ratio/region_mean": out.clip_low | out.clip_high,
-            "clip_ratio/dual_mean": out.dual,
-            "ratio/mean": out.ratio,
+            names.CLIP_LOW: out.clip_low,
+            names.CLIP_HIGH: out.clip_high,
+            names.CLIP_REGION: out.clip_low | out.clip_high,
+            names.CLIP_DUAL: out.dual,
+            names.RATIO_MEAN: out.ratio,
             "entropy": entropies.detach(),
         }
         if per_token_kl is not None:
@@ -232,7 +233,7 @@ class EntroclipGRPOTrainer(GRPOTrainer):
         totals = self.accelerator.reduce(torch.stack([*sums, valid.sum().float()]), reduction="sum").tolist()
         for key, total in zip(per_token, totals[:-1], strict=True):
             self._metrics[mode][key].append(total / max(totals[-1], 1.0))
-        self._log_means(mode, {"loss/pg": out.stats["loss/pg"]})
+        self._log_means(mode, {names.LOSS_PG: out.stats[names.LOSS_PG]})
         action = self.entroclip_action
         bounds = {"control/eps_low": action.eps_low, "control/eps_high": action.eps_high}
         for key, value in bounds.items():

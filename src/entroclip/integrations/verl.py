@@ -32,6 +32,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 from torch import Tensor
 
+from entroclip import metrics as names
 from entroclip.config import ConfigError, ControlConfig, LossConfig, Section
 from entroclip.control import ControlAction, Controller, make_controller
 from entroclip.integrations.common import (
@@ -254,9 +255,9 @@ def entroclip_policy_loss(
     ppo_kl, neg_logp_old, tokens = _logp_totals(log_prob, old_log_prob, response_mask)
     stats = surrogate_metrics(out)
     metrics = {
-        "actor/pg_clipfrac": stats["clip_ratio/region_mean"],
+        "actor/pg_clipfrac": stats[names.CLIP_REGION],
         "actor/ppo_kl": ppo_kl,
-        "actor/pg_clipfrac_lower": stats["clip_ratio/dual_mean"],
+        "actor/pg_clipfrac_lower": stats[names.CLIP_DUAL],
         **stats,
         "entropy/rollout_mc": neg_logp_old / max(tokens, 1),
         **_bound_metrics(low, high),

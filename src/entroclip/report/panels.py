@@ -9,6 +9,7 @@ from functools import partial
 
 import numpy as np
 
+from entroclip import metrics as names
 from entroclip.report.quantities import Rows, probe_entropy_curve
 from entroclip.runio import metric_series
 
@@ -52,9 +53,9 @@ RUN_PANELS = (
         "Clip fractions",
         "fraction of response tokens",
         (
-            ("clip-low", _metric("clip_ratio/low_mean")),
-            ("clip-high", _metric("clip_ratio/high_mean")),
-            ("dual-clip", _metric("clip_ratio/dual_mean")),
+            ("clip-low", _metric(names.CLIP_LOW)),
+            ("clip-high", _metric(names.CLIP_HIGH)),
+            ("dual-clip", _metric(names.CLIP_DUAL)),
         ),
         "Sign-gated clip fractions over the update's response tokens: clip-low (A < 0, r < 1 - eps_low), "
         "clip-high (A > 0, r > 1 + eps_high), dual-clip (A < 0, r > c).",
@@ -94,9 +95,9 @@ RUN_PANELS = (
         "Importance ratio r = pi_new / pi_old",
         "ratio",
         (
-            ("mean", _metric("ratio/mean")),
-            ("min", _metric("ratio/min")),
-            ("max", _metric("ratio/max")),
+            ("mean", _metric(names.RATIO_MEAN)),
+            ("min", _metric(names.RATIO_MIN)),
+            ("max", _metric(names.RATIO_MAX)),
         ),
         "Importance ratios over the update's response tokens (mean, min and max over all minibatches).",
     ),
@@ -125,7 +126,7 @@ STUDY_PANELS = (
         "clip_fractions",
         "Clip fractions per setting",
         "fraction of response tokens",
-        (("clip-low", _metric("clip_ratio/low_mean")), ("clip-high", _metric("clip_ratio/high_mean"))),
+        (("clip-low", _metric(names.CLIP_LOW)), ("clip-high", _metric(names.CLIP_HIGH))),
         "Sign-gated clip-low and clip-high fractions of the update's response tokens: mean over seeds (line) "
         "and one standard deviation across seeds (band).",
     ),

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from entroclip import metrics as names
 from entroclip.runio import metric_series
 
 #: Metric rows of one run, sorted by step (``entroclip.runio.read_metrics``).
@@ -25,9 +26,9 @@ def probe_entropy_curve(rows: Rows) -> tuple[np.ndarray, np.ndarray]:
 
 #: ``run_stats`` keys averaged over steps -> the metric they average.
 MEAN_METRICS = {
-    "clip_low": "clip_ratio/low_mean",
-    "clip_high": "clip_ratio/high_mean",
-    "clip_dual": "clip_ratio/dual_mean",
+    "clip_low": names.CLIP_LOW,
+    "clip_high": names.CLIP_HIGH,
+    "clip_dual": names.CLIP_DUAL,
     "effect_low": "entropy/effect_low",
     "effect_high": "entropy/effect_high",
     "effect_dual": "entropy/effect_dual",
