@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from entroclip.config import ControlConfig, LossConfig
@@ -71,9 +71,7 @@ class Controller(ABC):
     """Chooses the clip bounds and entropy coefficient of each step's update."""
 
     def __init__(self, loss: LossConfig) -> None:
-        self.eps_low = loss.eps_low
-        self.eps_high = loss.eps_high
-        self.entropy_coef = loss.entropy_coef
+        self.static = ControlAction(loss.eps_low, loss.eps_high, loss.entropy_coef)
 
     @abstractmethod
     def act(self, step: int, entropy: float) -> ControlAction:
@@ -89,7 +87,9 @@ class Controller(ABC):
         del state
 
     def static_action(self) -> ControlAction:
-        return ControlAction(self.eps_low, self.eps_high, self.entropy_coef)
+        """The config's own bounds and coefficient (``loss.eps_low``, ``loss.eps_high``,
+        ``loss.entropy_coef``); a controller's action changes some of them."""
+        return self.static
 
 
 class StaticController(Controller):
@@ -122,7 +122,7 @@ class ClipLowController(Controller):
         self.target.observe(entropy)
         if not self.target.held(step):
             self.current = self.eps_ref
-            return ControlAction(self.eps_ref, self.eps_high, self.entropy_coef)
+            return replace(self.static, eps_low=self.eps_ref)
         error = self.target.relative_error()
         low, high = self.bounds
         proposed = self.eps_ref - self.kp * error - self.ki * (self.integral + error)
@@ -131,7 +131,7 @@ class ClipLowController(Controller):
         if not (pushing_below or pushing_above):
             self.integral += error
         self.current = min(max(self.eps_ref - self.kp * error - self.ki * self.integral, low), high)
-        return ControlAction(self.current, self.eps_high, self.entropy_coef)
+        return replace(self.static, eps_low=self.current)
 
     def metrics(self) -> dict[str, float]:
         return {"control/target": float(self.target.value or 0.0), "control/integral": self.integral}
@@ -169,7 +169,7 @@ class EntropyBonusController(Controller):
             return self.static_action()
         low, high = self.log_bounds
         self.log_coef = min(max(self.log_coef + self.lr * self.target.relative_error(), low), high)
-        return ControlAction(self.eps_low, self.eps_high, self.coef)
+        return replace(self.static, entropy_coef=self.coef)
 
     def metrics(self) -> dict[str, float]:
         return {"control/target": float(self.target.value or 0.0), "control/coef": self.coef}
@@ -186,7 +186,7 @@ class KLCovController(StaticController):
     """KL-Cov's update has no ratio clipping: the covariance penalty takes its place."""
 
     def act(self, step: int, entropy: float) -> ControlAction:
-        return ControlAction(None, None, self.entropy_coef)
+        return replace(self.static, eps_low=None, eps_high=None)
 
 
 def _target(control: ControlConfig) -> EntropyTarget:
