@@ -18,6 +18,7 @@ REWARDS: Registry[Reward] = Registry(
         "reasoning_gym": "entroclip.rewards.rgym:reasoning_gym_reward",
         "random_bernoulli": "entroclip.rewards.noise:random_bernoulli",
         "random_symmetric": "entroclip.rewards.noise:random_symmetric",
+        "trace_answer": "entroclip.rewards.trace:trace_answer",
     },
 )
 

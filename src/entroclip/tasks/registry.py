@@ -16,6 +16,8 @@ TASKS: Registry[Task] = Registry(
         "reverse": "entroclip.tasks.procedural:ReverseTask",
         "jsonl": "entroclip.tasks.local:JsonlTask",
         "reasoning_gym": "entroclip.tasks.rgym:ReasoningGymTask",
+        "addition_trace": "entroclip.tasks.trace:AdditionTraceTask",
+        "trace": "entroclip.tasks.trace:FillerTraceTask",
     },
 )
 
