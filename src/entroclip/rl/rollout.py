@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from entroclip.policy.vllm_backend import VLLMSampler
 from entroclip.rewards import Reward, RewardFailureMonitor, RewardResult, RewardsFailing, score_batch
 from entroclip.rl.passes import compiled_passes, logp_and_entropy
 from entroclip.runio import derive_seed
-from entroclip.tasks import Example, Task
+from entroclip.tasks import Example, Task, trace_answer_masks
 from entroclip.update import UpdateBatch
 from entroclip.value import ValueHead, terminal_rewards
 
@@ -68,6 +67,13 @@ class Policies:
     functions: CompileCache
 
 
+def delimiter_token(tokenizer: PreTrainedTokenizerBase, delimiter: str) -> int | None:
+    """The token id of a trace task's delimiter, or None when the tokenizer has no single token for it
+    (then the trace / answer split is not measured)."""
+    ids = tokenizer(delimiter, add_special_tokens=False).input_ids
+    return ids[0] if len(ids) == 1 else None
+
+
 class Collector:
     """Builds the :class:`UpdateBatch` of each step from this rank's share of the prompts; its metrics are
     over the global batch."""
@@ -77,13 +83,15 @@ class Collector:
         config: Config,
         task: Task,
         reward: Reward,
-        sampler: Callable[[PreTrainedModel, list[Example], int, int], Rollout],
+        sampler: Sampler,
         ctx: DistContext,
         console: Console,
     ) -> None:
         self.config, self.task, self.reward, self.sampler = config, task, reward, sampler
         self.ctx, self.console = ctx, console
         self.reward_monitor = RewardFailureMonitor(config.reward.max_failed_steps)
+        delimiter = getattr(task, "delimiter", None)
+        self.delimiter_id = delimiter_token(sampler.tokenizer, delimiter) if delimiter is not None else None
 
     def collect(self, step: int, policies: Policies) -> tuple[UpdateBatch, dict[str, float]]:
         """Rollout, rewards, old/reference log-probs and advantages for ``step``."""
@@ -130,6 +138,10 @@ class Collector:
                 logp_old, entropy = per_token.logp, per_token.entropy
                 del logits
             sums["entropy/rollout"] = ((entropy * mask).sum(), n_tokens)
+            if self.delimiter_id is not None:  # a reasoning-trace task: where the entropy sits
+                trace, answer = trace_answer_masks(rollout.responses, mask, self.delimiter_id)
+                sums["entropy/trace"] = ((entropy * trace).sum(), trace.sum())
+                sums["entropy/answer"] = ((entropy * answer).sum(), answer.sum())
             logp_ref, kl_penalty_tokens = None, torch.zeros_like(logp_old)
             if policies.ref_model is not None:
                 ref_logits = response_logits(policies.ref_model, rollout, c.rollout.temperature)
