@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import product
+from multiprocessing.synchronize import Event
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ class StudyFailed(RuntimeError):
 _progress_updates: Any = None
 
 
-def _init_worker(parent: int, updates: Any, stop: Any) -> None:
+def _init_worker(parent: int, updates: Any, stop: Event) -> None:
     global _progress_updates
     _progress_updates = updates
     # Ctrl+C reaches the whole process group: the sweep alone decides, and ends its workers through `stop`
@@ -55,7 +56,7 @@ def _init_worker(parent: int, updates: Any, stop: Any) -> None:
     exit_with_parent(parent, stop=stop)
 
 
-def exit_with_parent(parent: int, poll_s: float = 0.5, stop: Any = None) -> None:
+def exit_with_parent(parent: int, poll_s: float = 0.5, stop: Event | None = None) -> None:
     """Worker initializer: end this process once ``parent`` (the sweep) is gone, or once the event
     ``stop`` is set, so that a sweep that is killed or interrupted leaves no worker writing into its run
     folders."""
@@ -215,12 +216,11 @@ def run_study(
                 _drain(updates, progress, bars, timeout=0.2)
                 for future in [f for f in pending if f.done()]:
                     pending.discard(future)
+                    key = runs[future]
                     if (error := future.exception()) is not None:
-                        failed.append(runs[future])
-                        progress.update(bars[runs[future]], description=f"{runs[future]} failed")
-                        console.print(
-                            f"run {runs[future]} failed: {_one_line(error)}", markup=False, highlight=False
-                        )
+                        failed.append(key)
+                        progress.update(bars[key], description=f"{key} failed")
+                        console.print(f"run {key} failed: {_one_line(error)}", markup=False, highlight=False)
             _drain(updates, progress, bars, timeout=0.0)
         except KeyboardInterrupt:
             stop.set()  # each worker's watcher ends it within its poll interval, mid-run like a kill -9
