@@ -221,3 +221,17 @@ def assert_help_is_whole(command: str) -> None:
 
 def test_sweep_help_shows_every_option_whole():
     assert_help_is_whole("sweep")
+
+
+def test_a_sweep_runs_code_named_by_its_config_only_with_allow_code(tmp_path, monkeypatch):
+    monkeypatch.delenv("ENTROCLIP_ALLOW_CODE", raising=False)
+    out = tmp_path / "sweep"
+    broken = ["--setting", "broken:task.name=sweep_tasks:BrokenStream", "--seeds", "1", "--out", out]
+    refused = sweep(*broken)
+    assert refused.exit_code == 2
+    assert "task.name='sweep_tasks:BrokenStream' is an import path" in error_line(refused)
+    assert not out.exists()
+    allowed = sweep(*broken, "--allow-code", "--workers", "1")
+    assert allowed.exit_code == 1  # it ran: the task's data source fails at its first step
+    assert "run broken/seed0 failed: RuntimeError: the data source went away" in allowed.output
+    monkeypatch.delenv("ENTROCLIP_ALLOW_CODE", raising=False)  # --allow-code set it for this process

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +23,9 @@ app.add_typer(theory_app, name="theory")
 console = unwrapped_console()
 
 EXIT_BAD_INPUT = 2
+AllowCode = Annotated[
+    bool, typer.Option(help="let the config name tasks and rewards by import path (runs their code)")
+]
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
@@ -37,9 +42,7 @@ def train(
     resume: Annotated[Path | None, typer.Option(help="continue the run in this folder")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run folder")] = False,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
-    allow_code: Annotated[
-        bool, typer.Option(help="let the config name tasks and rewards by import path (runs their code)")
-    ] = False,
+    allow_code: AllowCode = False,
 ) -> None:
     """Train a policy with the clipped objective and log entropy diagnostics to a run folder."""
     from entroclip.checkpoint import CheckpointError
@@ -178,6 +181,7 @@ def sweep(
         typer.Option(help="continue the runs in --out from their checkpoints (finished runs are kept)"),
     ] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing sweep folder")] = False,
+    allow_code: AllowCode = False,
     hold_after: Annotated[
         int, typer.Option(min=0, help="steps before a controller's hold error counts (warm-up)")
     ] = 20,
@@ -186,14 +190,17 @@ def sweep(
     from entroclip.config import ConfigError, load_config
     from entroclip.report import write_study_report
     from entroclip.study import (
-        StudyFailed,
         grid_settings,
         named_setting,
         plan_runs,
         prepare_sweep_dir,
         run_study,
     )
+    from entroclip.trust import allow_code as allow_code_in_this_process
+    from entroclip.trust import check_config_code
 
+    if allow_code:
+        allow_code_in_this_process()  # the run processes inherit it
     try:
         settings = grid_settings(grid or []) + [named_setting(s) for s in setting or []]
         if not settings:
@@ -202,29 +209,40 @@ def sweep(
         if baseline is not None and baseline not in labels:
             raise ValueError(f"--baseline must be one of {labels}, got {baseline!r}")
         plan = plan_runs(load_config(config, list(set_ or [])), settings, list(range(seeds)), out)
+        for planned in plan.values():
+            check_config_code(planned[0])  # seeds differ only in run.seed and run.out_dir
         prepare_sweep_dir(out, resume=resume, overwrite=overwrite)
     except (ConfigError, ValueError) as err:
         raise fail(str(err)) from None
     except OSError as err:  # --overwrite could not delete the old sweep folder
         raise fail(str(err), code=1) from None
-    try:
+    with study_failures("run the same sweep with --resume"):
         groups = run_study(plan, workers=workers, console=console, resume=resume)
         report = write_study_report(
             groups, out, title=f"Sweep of {config}", baseline=baseline, hold_after=hold_after
         )
+    console.print(f"report: {report}")
+
+
+@contextlib.contextmanager
+def study_failures(how_to_continue: str) -> Iterator[None]:
+    """One line for a study whose runs failed (exit 1) or that was interrupted (exit 130)."""
+    from entroclip.study import StudyFailed
+
+    try:
+        yield
     except StudyFailed as err:
         raise fail(
             f"{len(err.failed)} of {err.total} runs failed (listed above), the others are kept: fix the "
-            "cause and run the sweep again with --resume",
+            f"cause and {how_to_continue}",
             code=1,
         ) from None
     except KeyboardInterrupt:
         raise fail(
-            "interrupted: queued runs cancelled and running ones stopped; run the same sweep with --resume "
-            "to continue from their checkpoints",
+            f"interrupted: queued runs cancelled and running ones stopped; {how_to_continue} to continue "
+            "from their checkpoints",
             code=130,
         ) from None
-    console.print(f"report: {report}")
 
 
 @app.command()
@@ -239,7 +257,8 @@ def demo(
     """SFT warm-up of the tiny model, then the random-reward clip study and its report."""
     from entroclip.demo import run_demo
 
-    report_path = run_demo(out, seeds=seeds, steps=steps, workers=workers, console=console)
+    with study_failures("run the demo again"):
+        report_path = run_demo(out, seeds=seeds, steps=steps, workers=workers, console=console)
     console.print(f"report: {report_path}")
 
 
