@@ -1,4 +1,4 @@
-"""Rewards that fail on purpose, for tests/test_reliability.py.
+"""Rewards that fail on purpose, for the failure tests (tests/e2e/test_run_failures.py and others).
 
 ``reward.name: faulty_rewards:faulty`` with ``reward.options: {mode: ...}``: half of the completions (by a
 stable hash) score 1.0; the other half fail in the way ``mode`` names, or score 0.0 with ``mode: ok``.

@@ -1,4 +1,4 @@
-"""A task that fails during training on purpose, for tests/test_sweep_reliability.py.
+"""A task that fails during training on purpose, for tests/e2e/test_sweep_reliability.py.
 
 ``task.name: sweep_tasks:BrokenStream`` (with ENTROCLIP_ALLOW_CODE=1); the sweep's worker processes
 import this module by name (pytest puts tests/ on sys.path, and spawned workers inherit it).

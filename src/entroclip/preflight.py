@@ -37,23 +37,24 @@ def configured(section: str, build: Callable[[], T]) -> T:
 def check_model_source(config: Config, task: Task) -> None:
     """The model folder holds a readable Hugging Face config, the GGUF file exists, a built-in model has
     a task with a fixed alphabet."""
-    m = config.model
-    if m.path is not None:
-        if not (Path(m.path) / "config.json").is_file():
-            raise ConfigError(f"model.path is not a Hugging Face model folder (no config.json): {m.path}")
+    if config.model.path is not None:
+        if not (Path(config.model.path) / "config.json").is_file():
+            raise ConfigError(
+                f"model.path is not a Hugging Face model folder (no config.json): {config.model.path}"
+            )
         try:
-            AutoConfig.from_pretrained(m.path, local_files_only=True)
+            AutoConfig.from_pretrained(config.model.path, local_files_only=True)
         except (ValueError, OSError, KeyError, TypeError) as err:
             reason = " ".join(str(err).split())[:300]
             raise ConfigError(
-                f"model.path: {m.path}/config.json is not a usable model config ({reason})"
+                f"model.path: {config.model.path}/config.json is not a usable model config ({reason})"
             ) from None
-    if m.gguf_file is not None:
+    if config.model.gguf_file is not None:
         try:
-            resolve_gguf(m.gguf_file)
+            resolve_gguf(config.model.gguf_file)
         except FileNotFoundError as err:
             raise ConfigError(str(err)) from None
-    if m.builtin is not None and task.alphabet is None:
+    if config.model.builtin is not None and task.alphabet is None:
         raise ConfigError(f"model.builtin needs a task with a fixed alphabet; task.name={config.task.name!r}")
 
 
@@ -76,12 +77,12 @@ def check_distributed(config: Config, world: int) -> None:
             f"task.prompts_per_step must be divisible by the number of ranks ({world}), "
             f"got {config.task.prompts_per_step}"
         )
-    o, per_rank = config.optim, config.task.prompts_per_step // world
-    units = per_rank if o.group_minibatches else per_rank * config.rollout.group_size
-    if o.minibatches > units:
+    optim, per_rank = config.optim, config.task.prompts_per_step // world
+    units = per_rank if optim.group_minibatches else per_rank * config.rollout.group_size
+    if optim.minibatches > units:
         raise ConfigError(
-            f"optim.minibatches must be <= the {'prompts' if o.group_minibatches else 'responses'} of "
-            f"one rank ({units} over {world} ranks), got {o.minibatches}"
+            f"optim.minibatches must be <= the {'prompts' if optim.group_minibatches else 'responses'} of "
+            f"one rank ({units} over {world} ranks), got {optim.minibatches}"
         )
     if config.diagnostics.counterfactual_every:
         raise ConfigError("diagnostics.counterfactual_every must be 0 under torchrun (single process only)")
@@ -89,11 +90,14 @@ def check_distributed(config: Config, world: int) -> None:
 
 def check_held_out(config: Config, task: Task, probe_seed: int, eval_seed: int) -> None:
     """The task's held-out split has the probe's and the evaluation's prompts (drawn as the run will)."""
-    d, e = config.diagnostics, config.eval
-    if d.probe_prompts:
-        configured("diagnostics.probe_prompts", lambda: task.eval_examples(d.probe_prompts, seed=probe_seed))
-    if e.every:
-        configured("eval.prompts", lambda: task.eval_examples(e.prompts, seed=eval_seed))
+    diagnostics, evaluation = config.diagnostics, config.eval
+    if diagnostics.probe_prompts:
+        configured(
+            "diagnostics.probe_prompts",
+            lambda: task.eval_examples(diagnostics.probe_prompts, seed=probe_seed),
+        )
+    if evaluation.every:
+        configured("eval.prompts", lambda: task.eval_examples(evaluation.prompts, seed=eval_seed))
 
 
 def check_sinks(config: Config) -> None:
@@ -133,15 +137,14 @@ def step_memory_bytes(config: Config, model_config: PretrainedConfig, n_params: 
     gradients and AdamW moments, plus the largest of the step's passes over full-vocabulary logits: the
     rollout's old log-probs (every response token), a minibatch's forward and backward (logits, their
     gradient and softmax), generation's KV cache and the probe's and evaluation's batches."""
-    c = config
     vocab = int(getattr(model_config, "vocab_size", 0) or 0)
     hidden = int(getattr(model_config, "hidden_size", 0) or 0)
     layers = int(getattr(model_config, "num_hidden_layers", 0) or 0)
-    tokens = c.rollout.max_new_tokens
-    batch = c.task.prompts_per_step * c.rollout.group_size // world
-    minibatch = -(-batch // c.optim.minibatches)
-    eval_batch = c.eval.prompts * c.eval.k if c.eval.every else 0
-    probe_batch = c.diagnostics.probe_prompts * c.diagnostics.probe_samples
+    tokens = config.rollout.max_new_tokens
+    batch = config.task.prompts_per_step * config.rollout.group_size // world
+    minibatch = -(-batch // config.optim.minibatches)
+    eval_batch = config.eval.prompts * config.eval.k if config.eval.every else 0
+    probe_batch = config.diagnostics.probe_prompts * config.diagnostics.probe_samples
     passes = max(
         batch * tokens * vocab,  # old log-probs and entropy of the rollout
         3 * minibatch * tokens * vocab,  # logits, their gradient and the softmax of one minibatch

@@ -20,7 +20,7 @@ from entroclip.policy.loading import format_prompts, load_policy
 from entroclip.policy.sampling import sample
 from entroclip.rewards import make_reward, score_batch
 from entroclip.runio import atomic_write_text
-from entroclip.tasks import Example, Task
+from entroclip.tasks import Example, Task, sft_target
 
 #: the file sft writes last: a folder holding it is a finished sft output, which --overwrite may replace
 SUMMARY_FILE = "sft_summary.json"
@@ -107,12 +107,14 @@ def accuracy(
     examples: list[Example],
     chat_template: str,
     seed: int,
+    reward: str = "exact_match",
 ) -> float:
-    """Exact-match accuracy of one sample per prompt at temperature 1 (the RL sampling distribution)."""
+    """Accuracy (``reward`` > 0.5) of one sample per prompt at temperature 1 (the RL sampling
+    distribution), with room for the longest target (a reasoning trace's included)."""
     prompts = format_prompts(tokenizer, [e.prompt for e in examples], chat_template)
-    width = max(len(e.answer or "") for e in examples) + 2
+    width = max(len(sft_target(e)) for e in examples) + 2
     rollout = sample(model, tokenizer, prompts, max_new_tokens=width, temperature=1.0, seed=seed)
-    scored = score_batch(make_reward("exact_match"), rollout.texts, examples, timeout_s=5.0, seed=seed)
+    scored = score_batch(make_reward(reward), rollout.texts, examples, timeout_s=5.0, seed=seed)
     return float((scored.rewards > 0.5).float().mean())
 
 
@@ -178,7 +180,7 @@ def _train_into(
             examples = task.examples(settings.batch_size, seed=settings.seed * 1_000_003 + i)
             prompts = format_prompts(tokenizer, [e.prompt for e in examples], settings.chat_template)
             ids, attention, labels = teacher_forcing_batch(
-                tokenizer, prompts, [e.answer or "" for e in examples]
+                tokenizer, prompts, [sft_target(e) for e in examples]
             )
             loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
@@ -192,7 +194,9 @@ def _train_into(
     tokenizer.padding_side = "left"
     tokenizer.save_pretrained(out_dir)
     reloaded, reloaded_tokenizer = load_policy(out_dir)
-    acc = accuracy(reloaded, reloaded_tokenizer, held_out, settings.chat_template, settings.seed)
+    # a reasoning-trace task is scored on its answer only
+    reward = "trace_answer" if getattr(task, "delimiter", None) is not None else "exact_match"
+    acc = accuracy(reloaded, reloaded_tokenizer, held_out, settings.chat_template, settings.seed, reward)
     summary = {"final_loss": loss_value, "accuracy": acc, "steps": float(total)}
     atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=1))
     return summary

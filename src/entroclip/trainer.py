@@ -203,22 +203,22 @@ class Trainer:
         """The vLLM engine for ``rollout.backend: vllm``, built from the policy's folder."""
         if self.config.rollout.backend != "vllm":
             return None
-        m = self.config.model
-        folder = self.run_dir / "init_model" if m.builtin is not None else Path(m.path or "")
+        source = self.config.model
+        folder = self.run_dir / "init_model" if source.builtin is not None else Path(source.path or "")
         sampler = VLLMSampler(folder, self.tokenizer, self.config.rollout.vllm_gpu_memory, self.ctx)
         sampler.sync_weights(self.model)  # a resumed run starts from its checkpoint
         return sampler
 
     def _load_initial_policy(self) -> tuple[PreTrainedModel, Any]:
-        m = self.config.model
-        dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
-        if m.builtin is not None:
+        source = self.config.model
+        dtype = torch.bfloat16 if source.dtype == "bfloat16" else torch.float32
+        if source.builtin is not None:
             folder = self.run_dir / "init_model"
             if self.ctx.is_main and not (folder / "config.json").is_file():
-                save_builtin(m.builtin, self.task.alphabet or "", self.config.run.seed, folder)
+                save_builtin(source.builtin, self.task.alphabet or "", self.config.run.seed, folder)
             self.ctx.barrier()
             return load_policy(folder, dtype=dtype)
-        return load_policy(m.path, m.gguf_file, dtype=dtype)
+        return load_policy(source.path, source.gguf_file, dtype=dtype)
 
     @staticmethod
     def _frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
@@ -267,14 +267,17 @@ class Trainer:
         log-probs under it, written by rank 0 to ``RUN/probe.safetensors`` and read from there by every
         rank (and on resume). A sharded policy samples on every rank, since its forward pass is a
         collective."""
-        d = self.config.diagnostics
-        if d.probe_prompts == 0:
+        diagnostics = self.config.diagnostics
+        if diagnostics.probe_prompts == 0:
             return None
         path = self.run_dir / PROBE_FILE
         if self.ctx.broadcast_flag(not path.is_file()) and (self.ctx.is_main or self.sharded):
             seed = derive_seed(self.config.run.seed, 0, "probe")
             probe = self.sampler(
-                self.model, self.task.eval_examples(d.probe_prompts, seed=seed), d.probe_samples, seed
+                self.model,
+                self.task.eval_examples(diagnostics.probe_prompts, seed=seed),
+                diagnostics.probe_samples,
+                seed,
             )
             logp = response_logp(self.model, probe, self.config.rollout.temperature)
             if self.ctx.is_main:
@@ -300,23 +303,29 @@ class Trainer:
     # ----- one step ---------------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         """One full RL step; returns its metrics."""
-        c = self.config
+        config = self.config
         t0 = time.perf_counter()
         batch, metrics = self.collector.collect(step, self.policies)
         action = self.controller.act(step, metrics["entropy/rollout"])
-        shuffle_seed = derive_seed(c.run.seed, step, "shuffle")
+        shuffle_seed = derive_seed(config.run.seed, step, "shuffle")
         probe_before = None
         if self.probe is not None:
             probe_before = self._probe_cache if self._probe_cache is not None else self.probe_entropy()
         counterfactual = None
         if (
             self.probe is not None
-            and c.diagnostics.counterfactual_every
-            and step % c.diagnostics.counterfactual_every == 0
+            and config.diagnostics.counterfactual_every
+            and step % config.diagnostics.counterfactual_every == 0
         ):
             update = (batch, self.settings, action, shuffle_seed)
             counterfactual = counterfactual_probe(
-                self.model, self.value_head, self.optimizer, self.scheduler, update, self.probe_entropy, c
+                self.model,
+                self.value_head,
+                self.optimizer,
+                self.scheduler,
+                update,
+                self.probe_entropy,
+                config,
             )
         t1 = time.perf_counter()
         with self._compiled_passes():
@@ -352,7 +361,7 @@ class Trainer:
             if counterfactual is not None:
                 metrics["entropy/cf_effect_low"] = probe_after - counterfactual["no_low"]
                 metrics["entropy/cf_effect_high"] = probe_after - counterfactual["no_high"]
-        if c.eval.every and step % c.eval.every == 0 and (self.ctx.is_main or self.sharded):
+        if config.eval.every and step % config.eval.every == 0 and (self.ctx.is_main or self.sharded):
             metrics.update(self.evaluate(step))
         t3 = time.perf_counter()
         metrics["time/update_s"] = t2 - t1
@@ -362,11 +371,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict[str, float]:
         """pass@1 and unbiased pass@k on held-out prompts; correct means eval reward > 0.5."""
-        e, seed = self.config.eval, self.config.run.seed
-        examples = self.task.eval_examples(e.prompts, seed=derive_seed(seed, 0, "eval"))
-        rollout = self.sampler(self.model, examples, e.k, derive_seed(seed, step, "eval"))
+        evaluation, seed = self.config.eval, self.config.run.seed
+        examples = self.task.eval_examples(evaluation.prompts, seed=derive_seed(seed, 0, "eval"))
+        rollout = self.sampler(self.model, examples, evaluation.k, derive_seed(seed, step, "eval"))
         return pass_metrics(
-            self.eval_reward_fn, rollout.texts, examples, e.k, self.config.reward.timeout_s, seed
+            self.eval_reward_fn, rollout.texts, examples, evaluation.k, self.config.reward.timeout_s, seed
         )
 
     # ----- the loop ---------------------------------------------------------------------------------
@@ -381,16 +390,16 @@ class Trainer:
     ) -> Path:
         """Run from the current step to ``run.steps``; returns the run folder. ``on_step(step, metrics)`` is
         called after each step is logged."""
-        c = self.config
+        config = self.config
         logger = None
         if self.ctx.is_main:
-            atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(c))
+            atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(config))
             logger = MetricsLogger(
                 self.run_dir,
                 resume_step=self.step,
-                tensorboard=c.run.tensorboard,
-                wandb_project=c.run.wandb_project,
-                config=c.model_dump(mode="json"),
+                tensorboard=config.run.tensorboard,
+                wandb_project=config.run.wandb_project,
+                config=config.model_dump(mode="json"),
             )
         progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -404,8 +413,10 @@ class Trainer:
         )
         try:
             with progress:
-                bar = progress.add_task(self.run_dir.name, total=c.run.steps, completed=self.step, info="")
-                while self.step < c.run.steps:
+                bar = progress.add_task(
+                    self.run_dir.name, total=config.run.steps, completed=self.step, info=""
+                )
+                while self.step < config.run.steps:
                     step = self.step + 1
                     metrics = self.train_step(step)
                     self.step = step
@@ -414,15 +425,15 @@ class Trainer:
                     progress.update(bar, completed=step, info=_progress_info(metrics))
                     if on_step is not None:
                         on_step(step, metrics)
-                    if self.consecutive_skips >= c.optim.max_skipped_steps:
+                    if self.consecutive_skips >= config.optim.max_skipped_steps:
                         path = self._checkpoint(logger)
                         raise TrainingStopped(
                             f"{self.consecutive_skips} consecutive optimizer steps had a non-finite loss or "
-                            f"gradient (optim.max_skipped_steps={c.optim.max_skipped_steps}); "
+                            f"gradient (optim.max_skipped_steps={config.optim.max_skipped_steps}); "
                             f"last good state saved to {path}"
                         )
-                    every = c.run.checkpoint_every
-                    if (every and step % every == 0) or step == c.run.steps:
+                    every = config.run.checkpoint_every
+                    if (every and step % every == 0) or step == config.run.steps:
                         self._checkpoint(logger)
         finally:
             if logger is not None:

@@ -83,22 +83,21 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, config: Config) -> RunSettings:
-        c = config
         return cls(
-            dual_clip=c.loss.dual_clip,
-            agg=c.loss.agg,
-            max_len=c.loss.max_len or c.rollout.max_new_tokens,
-            temperature=c.rollout.temperature,
-            epochs=c.optim.epochs,
-            minibatches=c.optim.minibatches,
-            grad_clip=c.optim.grad_clip,
-            group_size=c.rollout.group_size if c.optim.group_minibatches else 1,
-            kl_coef=c.loss.kl.coef if not c.loss.kl.in_reward else 0.0,
-            kl_kind=c.loss.kl.kind,
-            attribution=c.diagnostics.attribution,
-            value_coef=c.advantage.value_coef,
-            value_clip=c.advantage.value_clip,
-            cov=CovSettings.from_config(c.control),
+            dual_clip=config.loss.dual_clip,
+            agg=config.loss.agg,
+            max_len=config.loss.max_len or config.rollout.max_new_tokens,
+            temperature=config.rollout.temperature,
+            epochs=config.optim.epochs,
+            minibatches=config.optim.minibatches,
+            grad_clip=config.optim.grad_clip,
+            group_size=config.rollout.group_size if config.optim.group_minibatches else 1,
+            kl_coef=config.loss.kl.coef if not config.loss.kl.in_reward else 0.0,
+            kl_kind=config.loss.kl.kind,
+            attribution=config.diagnostics.attribution,
+            value_coef=config.advantage.value_coef,
+            value_clip=config.advantage.value_clip,
+            cov=CovSettings.from_config(config.control),
         )
 
 

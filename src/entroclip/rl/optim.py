@@ -16,22 +16,24 @@ def trainable_parameters(*modules: torch.nn.Module | None) -> list[torch.nn.Para
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], config: Config) -> torch.optim.AdamW:
-    o = config.optim
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, fused=True)
+    optim = config.optim
+    return torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay, fused=True
+    )
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config) -> torch.optim.lr_scheduler.LambdaLR:
     """The lr schedule over the run's optimizer steps (``run.steps * epochs * minibatches``)."""
-    o = config.optim
-    total = max(config.run.steps * o.epochs * o.minibatches, 1)
+    optim = config.optim
+    total = max(config.run.steps * optim.epochs * optim.minibatches, 1)
 
     def factor(optimizer_step: int) -> float:
-        if optimizer_step < o.warmup_steps:
-            return (optimizer_step + 1) / o.warmup_steps
-        progress = min((optimizer_step - o.warmup_steps) / max(total - o.warmup_steps, 1), 1.0)
-        if o.schedule == "linear":
+        if optimizer_step < optim.warmup_steps:
+            return (optimizer_step + 1) / optim.warmup_steps
+        progress = min((optimizer_step - optim.warmup_steps) / max(total - optim.warmup_steps, 1), 1.0)
+        if optim.schedule == "linear":
             return 1.0 - progress
-        if o.schedule == "cosine":
+        if optim.schedule == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * progress))
         return 1.0
 

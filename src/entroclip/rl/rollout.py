@@ -49,11 +49,21 @@ class Sampler:
         return [p for p in formatted for _ in range(repeats)]
 
     def __call__(self, model: PreTrainedModel, examples: list[Example], repeats: int, seed: int) -> Rollout:
-        r = self.config.rollout
+        settings = self.config.rollout
         prompts = self.prompts(examples, repeats)
         if self.vllm is not None:
-            return self.vllm.sample(prompts, r.max_new_tokens, r.temperature, r.top_p, seed)
-        return sample(model, self.tokenizer, prompts, r.max_new_tokens, r.temperature, r.top_p, seed=seed)
+            return self.vllm.sample(
+                prompts, settings.max_new_tokens, settings.temperature, settings.top_p, seed
+            )
+        return sample(
+            model,
+            self.tokenizer,
+            prompts,
+            settings.max_new_tokens,
+            settings.temperature,
+            settings.top_p,
+            seed=seed,
+        )
 
 
 @dataclass
@@ -95,21 +105,21 @@ class Collector:
 
     def collect(self, step: int, policies: Policies) -> tuple[UpdateBatch, dict[str, float]]:
         """Rollout, rewards, old/reference log-probs and advantages for ``step``."""
-        c, seed, ctx = self.config, self.config.run.seed, self.ctx
+        config, seed, ctx = self.config, self.config.run.seed, self.ctx
         model, value_head = policies.model, policies.value_head
         t0 = time.perf_counter()
-        examples = self.task.examples(c.task.prompts_per_step, seed=derive_seed(seed, step, "data"))
+        examples = self.task.examples(config.task.prompts_per_step, seed=derive_seed(seed, step, "data"))
         examples = ctx.shard(examples)
         rollout = self.sampler(
-            model, examples, c.rollout.group_size, derive_seed(seed, step, "sample") + ctx.rank
+            model, examples, config.rollout.group_size, derive_seed(seed, step, "sample") + ctx.rank
         )
         t1 = time.perf_counter()
-        repeated = [e for e in examples for _ in range(c.rollout.group_size)]
+        repeated = [e for e in examples for _ in range(config.rollout.group_size)]
         scored = score_batch(
             self.reward,
             rollout.texts,
             repeated,
-            timeout_s=c.reward.timeout_s,
+            timeout_s=config.reward.timeout_s,
             seed=derive_seed(seed, step, "reward") + ctx.rank,
         )
         self._watch_rewards(step, scored)
@@ -127,10 +137,10 @@ class Collector:
             if value_head is None:
                 with compiled_passes(model, policies.functions, ctx.device):
                     logp_old, entropy = policies.functions.call(
-                        logp_and_entropy, model, rollout, c.rollout.temperature
+                        logp_and_entropy, model, rollout, config.rollout.temperature
                     )
             else:
-                logits, hidden = response_logits_and_hidden(model, rollout, c.rollout.temperature)
+                logits, hidden = response_logits_and_hidden(model, rollout, config.rollout.temperature)
                 old_values = value_head(hidden)
                 sums["value/mean"] = ((old_values * mask).sum(), n_tokens)
                 per_token = token_stats(logits, rollout.responses)
@@ -144,30 +154,32 @@ class Collector:
                 sums["entropy/answer"] = ((entropy * answer).sum(), answer.sum())
             logp_ref, kl_penalty_tokens = None, torch.zeros_like(logp_old)
             if policies.ref_model is not None:
-                ref_logits = response_logits(policies.ref_model, rollout, c.rollout.temperature)
+                ref_logits = response_logits(policies.ref_model, rollout, config.rollout.temperature)
                 logp_ref = token_logprobs(ref_logits, rollout.responses)
-                kl = kl_penalty(logp_old, logp_ref, c.loss.kl.kind)
+                kl = kl_penalty(logp_old, logp_ref, config.loss.kl.kind)
                 sums["kl/ref"] = ((kl * mask).sum(), n_tokens)
-                if c.loss.kl.in_reward:
-                    kl_penalty_tokens = c.loss.kl.coef * kl * mask
+                if config.loss.kl.in_reward:
+                    kl_penalty_tokens = config.loss.kl.coef * kl * mask
         metrics = self._global_means(sums)
-        n = float(c.task.prompts_per_step * c.rollout.group_size)
+        n = float(config.task.prompts_per_step * config.rollout.group_size)
         variance = max(metrics.pop("reward/sq") - metrics["reward/mean"] ** 2, 0.0) * n / max(n - 1, 1)
         metrics["reward/std"] = math.sqrt(variance)
         (metrics["reward/errors"],) = ctx.sum([float(scored.errors)])
         if hasattr(self.task, "skipped_lines"):
             metrics["data/skipped_lines"] = float(self.task.skipped_lines)
-        ref_for_loss = logp_ref if not c.loss.kl.in_reward else None
+        ref_for_loss = logp_ref if not config.loss.kl.in_reward else None
         metrics["time/rollout_s"] = t1 - t0
         metrics["time/reward_s"] = t2 - t1
         if old_values is None:
-            kind = c.advantage.kind
+            kind = config.advantage.kind
             assert kind != "gae", "gae runs with a value head"
             rewards = rewards - kl_penalty_tokens.sum(-1)
-            advantages = group_advantages(rewards, c.rollout.group_size, kind)
+            advantages = group_advantages(rewards, config.rollout.group_size, kind)
             return UpdateBatch(rollout, advantages, logp_old, ref_for_loss), metrics
         token_rewards = terminal_rewards(rewards, mask) - kl_penalty_tokens
-        advantages, returns = gae(token_rewards, old_values, mask, c.advantage.gamma, c.advantage.lam)
+        advantages, returns = gae(
+            token_rewards, old_values, mask, config.advantage.gamma, config.advantage.lam
+        )
         advantages = masked_whiten(advantages, mask)
         return UpdateBatch(rollout, advantages, logp_old, ref_for_loss, old_values, returns), metrics
 

@@ -306,20 +306,3 @@ def test_longest_example_fits_the_builtin_models(name, max_response):
     assert len(ids) + 1 <= 256  # + EOS; the built-in models have 256 positions
     # and the response (target + EOS) stays short, as a 2-digit scratchpad should
     assert max(len(sft_target(e)) for e in examples) + 1 <= max_response
-
-
-def test_a_trace_task_run_logs_where_the_entropy_sits(tmp_path):
-    """entropy/trace and entropy/answer are the rollout entropy over the two parts: their token-weighted
-    mean is entropy/rollout, so it lies between them."""
-    from test_trainer import SMALL, rows
-
-    from entroclip.config import load_config
-    from entroclip.trainer import Trainer
-
-    overrides = [*SMALL, "task.name=addition_trace", "reward.name=trace_answer", "reward.options={}"]
-    overrides += ["rollout.max_new_tokens=24", "eval.reward=trace_answer"]
-    config = load_config("configs/quick.yaml", [*overrides, "run.steps=2", f"run.out_dir={tmp_path / 'run'}"])
-    Trainer(config).train(show_progress=False)
-    for row in rows(tmp_path / "run"):
-        low, high = sorted((row["entropy/trace"], row["entropy/answer"]))
-        assert low - 1e-9 <= row["entropy/rollout"] <= high + 1e-9

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from test_trainer import SMALL
+from runs import SMALL, process_alive
 from typer.testing import CliRunner
 
 from entroclip.cli import app
@@ -92,14 +92,6 @@ if __name__ == "__main__":
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sweep_workers_exit_with_the_sweep(tmp_path):
     script = tmp_path / "orphan.py"
@@ -108,10 +100,10 @@ def test_sweep_workers_exit_with_the_sweep(tmp_path):
     subprocess.run([sys.executable, str(script), str(pid_file)], timeout=120, check=True)
     worker = int(pid_file.read_text())
     deadline = time.monotonic() + 10
-    while _alive(worker) and time.monotonic() < deadline:
+    while process_alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
-        assert not _alive(worker), "a sweep worker outlived its sweep"
+        assert not process_alive(worker), "a sweep worker outlived its sweep"
     finally:
-        if _alive(worker):
+        if process_alive(worker):
             os.kill(worker, signal.SIGKILL)

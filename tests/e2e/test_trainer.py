@@ -1,12 +1,11 @@
 """End-to-end runs of the RLVR trainer on the built-in tiny model."""
 
-import json
 import math
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 import torch
+from runs import rows, train, without_timings
 from typer.testing import CliRunner
 
 from entroclip.cli import app
@@ -14,33 +13,6 @@ from entroclip.config import load_config
 from entroclip.policy.loading import load_policy
 from entroclip.rl.evaluate import pass_at_k
 from entroclip.trainer import Trainer
-
-SMALL = [
-    "task.prompts_per_step=4",
-    "rollout.group_size=4",
-    "rollout.max_new_tokens=4",
-    "optim.epochs=2",
-    "optim.minibatches=2",
-    "optim.lr=1e-3",
-    "diagnostics.probe_prompts=4",
-    "diagnostics.probe_samples=2",
-    "run.tensorboard=false",
-]
-
-
-def train(tmp_path: Path, *overrides: str, name: str = "run", resume: bool = False) -> Path:
-    out = tmp_path / name
-    cfg = load_config("configs/quick.yaml", [*SMALL, f"run.out_dir={out}", *overrides])
-    return Trainer(cfg, resume=resume, overwrite=not resume).train(show_progress=False)
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timings(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics]
-
 
 EXPECTED = {
     "entropy/rollout",
@@ -181,3 +153,20 @@ def test_cli_refuses_existing_run_folder(tmp_path):
     out.mkdir()
     result = runner.invoke(app, ["train", "configs/quick.yaml", "--out", str(out)])
     assert result.exit_code == 2 and "already exists" in result.output
+
+
+def test_a_trace_task_run_logs_where_the_entropy_sits(tmp_path):
+    """entropy/trace and entropy/answer are the rollout entropy over the two parts: their token-weighted
+    mean is entropy/rollout, so it lies between them."""
+    from runs import SMALL, rows
+
+    from entroclip.config import load_config
+    from entroclip.trainer import Trainer
+
+    overrides = [*SMALL, "task.name=addition_trace", "reward.name=trace_answer", "reward.options={}"]
+    overrides += ["rollout.max_new_tokens=24", "eval.reward=trace_answer"]
+    config = load_config("configs/quick.yaml", [*overrides, "run.steps=2", f"run.out_dir={tmp_path / 'run'}"])
+    Trainer(config).train(show_progress=False)
+    for row in rows(tmp_path / "run"):
+        low, high = sorted((row["entropy/trace"], row["entropy/answer"]))
+        assert low - 1e-9 <= row["entropy/rollout"] <= high + 1e-9

@@ -480,7 +480,7 @@ def test_study_report_and_plots(tmp_path):
 
 # --- golden output: report.md and summary.json as written before report.py became a package -------------
 
-GOLDEN = Path(__file__).parent / "golden" / "report"
+GOLDEN = Path(__file__).parent.parent / "golden" / "report"
 ROOT_MARK = "<root>"
 
 
@@ -669,7 +669,7 @@ def test_outputs_match_golden(tmp_path):
             assert_png(tmp_path / rel)
 
 
-if __name__ == "__main__":  # python tests/test_report.py: rewrite tests/golden/report/
+if __name__ == "__main__":  # python tests/unit/test_report.py: rewrite tests/golden/report/
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,8 +4,7 @@ failures after the folder was made."""
 import errno
 
 import pytest
-from test_reliability import error_line, files
-from test_sweep_reliability import assert_help_is_whole
+from runs import assert_help_is_whole, error_line, files
 from typer.testing import CliRunner
 
 from entroclip.cli import app

@@ -11,10 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import typer
-from test_reliability import error_line, files, rows, sets
-from test_study import _alive
-from test_trainer import SMALL
+from runs import SMALL, assert_help_is_whole, error_line, files, process_alive, rows, sets
 from typer.testing import CliRunner
 
 from entroclip.cli import app
@@ -188,7 +185,7 @@ def test_ctrl_c_cancels_queued_runs_and_stops_running_ones(tmp_path):
         assert "Traceback" not in text
         last = text.strip().splitlines()[-1]
         assert last.startswith("error: interrupted") and "--resume" in last
-        assert not any(map(_alive, workers)), "a worker outlived the interrupted sweep"
+        assert not any(map(process_alive, workers)), "a worker outlived the interrupted sweep"
         sizes = _sizes(out)
         time.sleep(2)  # longer than a step: a run still training would have logged one
         assert _sizes(out) == sizes
@@ -197,28 +194,11 @@ def test_ctrl_c_cancels_queued_runs_and_stops_running_ones(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        for pid in filter(_alive, workers):
+        for pid in filter(process_alive, workers):
             os.kill(pid, signal.SIGKILL)
 
 
 # ----- help ----------------------------------------------------------------------------------------------
-def assert_help_is_whole(command: str) -> None:
-    """Every option of ``command`` has a help text, shown whole (not cut with an ellipsis) by ``--help`` at
-    80 columns and on a wide terminal."""
-    params = [
-        p for p in typer.main.get_command(app).commands[command].params if p.param_type_name == "option"
-    ]
-    assert params
-    for columns in ("80", "250"):
-        result = runner.invoke(app, [command, "--help"], env={"COLUMNS": columns})
-        assert result.exit_code == 0 and "…" not in result.output, result.output
-        shown = " ".join(line.strip("│╭╮╰╯─ ") for line in result.output.splitlines())
-        shown = " ".join(shown.split())
-        for param in params:
-            assert param.help, f"{param.opts[0]} has no help"
-            assert " ".join(param.help.split()) in shown, (param.opts[0], result.output)
-
-
 def test_sweep_help_shows_every_option_whole():
     assert_help_is_whole("sweep")
 
