@@ -125,8 +125,15 @@ class KLConfig(Section):
 
 
 class LossConfig(Section):
-    """The clipped surrogate."""
+    """The clipped policy loss: PPO's token clip, or another scheme (``kind``)."""
 
+    kind: Literal["ppo", "gspo", "cispo", "sapo", "ce_gppo"] = Field(
+        "ppo",
+        description="ppo: token clip (with Clip-Cov / KL-Cov); gspo: the clip on the sequence ratio "
+        "(published eps 3e-4 / 4e-4); cispo: the importance weight clipped under a stop-gradient, no token "
+        "dropped (eps_low null, eps_high 4); sapo: a sigmoid gate (tau_pos, tau_neg; no bounds); ce_gppo: "
+        "PPO's clip keeping beta1 / beta2 of the bound's gradient on clipped tokens (entroclip.losses)",
+    )
     eps_low: Float | None = Field(0.2, ge=0, le=1, description="clip-low bound; null: no clip-low")
     eps_high: Float | None = Field(0.2, ge=0, description="clip-high bound; null: no clip-high")
     dual_clip: Float | None = Field(None, gt=1, description="dual-clip constant c > 1; null: off")
@@ -135,7 +142,21 @@ class LossConfig(Section):
         None, ge=1, description="constant length for seq-mean-token-sum-norm (default rollout.max_new_tokens)"
     )
     entropy_coef: Float = Field(0.0, description="entropy bonus coefficient (loss -= coef * entropy)")
+    tau_pos: Float = Field(1.0, gt=0, le=1000, description="sapo: gate temperature for A > 0")
+    tau_neg: Float = Field(1.05, gt=0, le=1000, description="sapo: gate temperature for A <= 0")
+    beta1: Float = Field(
+        0.75, ge=0, le=10, description="ce_gppo: share of the gradient kept on clip-low tokens"
+    )
+    beta2: Float = Field(
+        1.0, ge=0, le=10, description="ce_gppo: share of the gradient kept on clip-high tokens"
+    )
     kl: KLConfig = Field(default_factory=KLConfig)
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> LossConfig:
+        if self.dual_clip is not None and self.kind not in ("ppo", "ce_gppo"):
+            raise ValueError(f"loss.dual_clip is defined for loss.kind ppo and ce_gppo, not {self.kind!r}")
+        return self
 
 
 class OptimConfig(Section):
@@ -305,6 +326,11 @@ class Config(Section):
             raise ValueError(
                 f"optim.minibatches (or optim.epochs) must be >= 2 for control.kind={self.control.kind!r}: "
                 "with one on-policy step per rollout the ratio stays 1 and the covariance rule cannot act"
+            )
+        if self.loss.kind != "ppo" and self.control.kind in ("clip_cov", "kl_cov", "clip_low"):
+            raise ValueError(
+                f"control.kind={self.control.kind!r} acts on PPO's token clip: it needs loss.kind=ppo, got "
+                f"{self.loss.kind!r}"
             )
         if self.advantage.kind in ("grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -273,18 +274,22 @@ def sapo_loss(
     mask: Tensor,
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
+    agg: Aggregation = "seq-mean-token-mean",
+    max_len: int | None = None,
 ) -> PolicyLoss:
     """SAPO (arXiv 2511.20347): per-token loss ``-f(r) A`` with the soft gate
-    ``f(r) = sigmoid(tau (r - 1)) 4 / tau`` (f(1) = 2/tau, f'(1) = 1), as verl's ``compute_policy_loss_sapo``.
+    ``f(r) = sigmoid(tau (r - 1)) 4 / tau`` (f(1) = 2/tau, f'(1) = 1), as verl's
+    ``compute_policy_loss_sapo``.
 
     Args:
         tau_pos, tau_neg: gate temperatures for A > 0 and A <= 0 (verl's and TRL's defaults 1.0 / 1.05).
+        agg, max_len: aggregation; the default ``seq-mean-token-mean`` is what verl always uses, whatever
+            its ``loss_agg_mode`` (TRL's ``sapo`` averages the per-sequence token means over all rows,
+            empty ones included).
 
-    Always aggregated ``seq-mean-token-mean``, as verl does whatever its ``loss_agg_mode`` (TRL's ``sapo``
-    averages the per-sequence token means over all rows, empty ones included). The events mark the tokens
-    where the gate's slope f'(r) fell below 1/2 on the side the advantage pushes towards (see
-    ``SAPO_HALF_SLOPE``); with tau near 1 the low side needs r < 0 and never fires. The gate's damping on the
-    other side (A > 0 with r < 1, A < 0 with r > 1) is in the ledger's ``effect_rescale``.
+    The events mark the tokens where the gate's slope f'(r) fell below 1/2 on the side the advantage pushes
+    towards (see ``SAPO_HALF_SLOPE``); with tau near 1 the low side needs r < 0 and never fires. The gate's
+    damping on the other side (A > 0 with r < 1, A < 0 with r > 1) is in the ledger's ``effect_rescale``.
     """
     if not (tau_pos > 0.0 and tau_neg > 0.0):
         raise ValueError(f"tau_pos and tau_neg must be > 0, got {tau_pos} and {tau_neg}")
@@ -303,7 +308,7 @@ def sapo_loss(
     )
     # d f(r) / d logp = f'(r) r
     coefficient = adv * 4.0 * sigma * (1.0 - sigma) * r
-    scale = aggregation_scale(mask, "seq-mean-token-mean")
+    scale = aggregation_scale(mask, agg, max_len)
     return _result(-gate * adv, coefficient, r, logp_new, logp_old, adv, mask, scale, events)
 
 
@@ -312,8 +317,8 @@ def cegppo_loss(
     logp_old: Tensor,
     advantages: Tensor,
     mask: Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    eps_low: float | None = 0.2,
+    eps_high: float | None = 0.2,
     beta1: float = 0.75,
     beta2: float = 1.0,
     dual_clip: float | None = None,
@@ -327,7 +332,7 @@ def cegppo_loss(
     ``min(., -c A)`` for A < 0.
 
     Args:
-        eps_low, eps_high: PPO's bounds (the authors' recipes: 0.2 / 0.2).
+        eps_low, eps_high: PPO's bounds (the authors' recipes: 0.2 / 0.2); None switches a side off.
         beta1, beta2: >= 0, the fractions of the bound's gradient kept on clip-low / clip-high tokens (the
             authors' 7B recipe: 0.75 / 1.0); 0 / 0 has PPO's gradient.
         dual_clip: c > 1 or None (the authors always apply it: 3.0 by default, 10.0 in their recipes).
@@ -336,7 +341,7 @@ def cegppo_loss(
     _check_eps(eps_low, eps_high, dual_clip)
     if not (beta1 >= 0.0 and beta2 >= 0.0):
         raise ValueError(f"beta1 and beta2 must be >= 0, got {beta1} and {beta2}")
-    if dual_clip is not None and beta1 * (1.0 - eps_low) >= dual_clip:
+    if dual_clip is not None and eps_low is not None and beta1 * (1.0 - eps_low) >= dual_clip:
         # the authors' min(., -c A) would then cap the kept clip-low loss too
         raise ValueError(f"beta1 * (1 - eps_low) must be below dual_clip, got {beta1 * (1.0 - eps_low)}")
     mask, adv = _inputs(logp_new, logp_old, advantages, mask)
@@ -348,7 +353,14 @@ def cegppo_loss(
 
 @torch.no_grad()
 def entropy_ledger(out: PolicyLoss, kappa: Tensor) -> dict[str, float]:
-    """First-order entropy budget of one update with ``out``'s loss, per unit step size (nats).
+    """:func:`ledger_terms` by name (``LEDGER_KEYS``)."""
+    return dict(zip(LEDGER_KEYS, ledger_terms(out, kappa).tolist(), strict=True))
+
+
+@torch.no_grad()
+def ledger_terms(out: PolicyLoss, kappa: Tensor) -> Tensor:
+    """First-order entropy budget of one update with ``out``'s loss, per unit step size (nats), as a float32
+    tensor ``[7]`` in the order of ``LEDGER_KEYS`` (no host sync).
 
     ``kappa`` ``[B, T]``: the tokens' entropy sensitivity (:func:`entroclip.entropy.entropy_sensitivity`).
     With w the effective and w_pg the unclipped policy-gradient weight (:class:`PolicyLoss`), summed over
@@ -379,5 +391,43 @@ def entropy_ledger(out: PolicyLoss, kappa: Tensor) -> dict[str, float]:
         (rest, rescaled),
         (valid, change),
     ]
-    terms = torch.stack([torch.where(group, values, 0.0).sum() for group, values in groups])
-    return dict(zip(LEDGER_KEYS, terms.tolist(), strict=True))
+    return torch.stack([torch.where(group, values, 0.0).sum() for group, values in groups])
+
+
+#: the clipping schemes of ``loss.kind`` besides ``ppo`` (which the update takes through
+#: :func:`entroclip.objectives.surrogate_terms`, with Clip-Cov and KL-Cov)
+LossKind = Literal["gspo", "cispo", "sapo", "ce_gppo"]
+
+
+@dataclass(frozen=True)
+class PolicyLossKind:
+    """One of the kinds of this module with its own parameters (``loss.kind`` and ``loss.tau_*`` /
+    ``loss.beta*``); the bounds, dual-clip and aggregation are the run's (``loss.eps_*``, ``loss.dual_clip``,
+    ``loss.agg``)."""
+
+    kind: LossKind
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    beta1: float = 0.75
+    beta2: float = 1.0
+
+    def __call__(
+        self,
+        logp_new: Tensor,
+        logp_old: Tensor,
+        advantages: Tensor,
+        mask: Tensor,
+        eps_low: float | Tensor | None,
+        eps_high: float | Tensor | None,
+        dual_clip: float | None,
+        agg: Aggregation,
+        max_len: int | None,
+    ) -> PolicyLoss:
+        args = (logp_new, logp_old, advantages, mask)
+        if self.kind == "gspo":
+            return gspo_loss(*args, eps_low, eps_high, agg, max_len)  # type: ignore[arg-type]
+        if self.kind == "cispo":
+            return cispo_loss(*args, eps_low, eps_high, agg, max_len)  # type: ignore[arg-type]
+        if self.kind == "sapo":
+            return sapo_loss(*args, self.tau_pos, self.tau_neg, agg, max_len)
+        return cegppo_loss(*args, eps_low, eps_high, self.beta1, self.beta2, dual_clip, agg, max_len)  # type: ignore[arg-type]

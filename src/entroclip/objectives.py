@@ -263,6 +263,31 @@ def surrogate_terms(
 
     scale = aggregation_scale(mask, agg, max_len)
     pg_loss = (per_token * scale).sum()
+    loss, extra = with_regularisers(
+        pg_loss, logp_new, mask, agg, max_len, entropy, entropy_coef, logp_ref, kl_coef, kl_kind
+    )
+    if detach is not None:
+        extra[names.CLIP_COV] = detached.sum() / mask.sum().clamp(min=1)
+    out = SurrogateOutput(loss, pg_loss, clip_low, clip_high, dual, detached, r, scale)
+    return out, extra
+
+
+def with_regularisers(
+    pg_loss: Tensor,
+    logp_new: Tensor,
+    mask: Tensor,
+    agg: Aggregation,
+    max_len: int | None,
+    entropy: Tensor | None,
+    entropy_coef: float | Tensor,
+    logp_ref: Tensor | None,
+    kl_coef: float,
+    kl_kind: KLKind,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``pg_loss`` minus the entropy bonus (when ``entropy`` ``[B, T]`` is given) plus the KL term to the
+    reference (when ``logp_ref`` ``[B, T]`` is given), both aggregated like the policy loss; and the two
+    terms, detached, as ``loss/entropy_bonus`` and ``kl/ref``."""
+    mask = mask.bool()
     loss = pg_loss
     extra: dict[str, Tensor] = {}
     if entropy is not None:
@@ -272,18 +297,14 @@ def surrogate_terms(
         extra["loss/entropy_bonus"] = ent_term.detach()
     if logp_ref is not None:
         _check_shapes(logp_ref=logp_ref, mask=mask)
-        zero = torch.zeros_like(adv)
+        zero = torch.zeros_like(logp_new, dtype=torch.float32)
         kl = kl_penalty(
             torch.where(mask, logp_new.float(), zero), torch.where(mask, logp_ref.float(), zero), kl_kind
         )
         kl_term = aggregate(kl, mask, agg, max_len)
         loss = loss + kl_coef * kl_term
         extra["kl/ref"] = kl_term.detach()
-
-    if detach is not None:
-        extra[names.CLIP_COV] = detached.sum() / mask.sum().clamp(min=1)
-    out = SurrogateOutput(loss, pg_loss, clip_low, clip_high, dual, detached, r, scale)
-    return out, extra
+    return loss, extra
 
 
 def _surrogate_stats(

@@ -23,7 +23,8 @@ from entroclip.control import ControlAction
 from entroclip.covariance import CovSettings, covariance_terms
 from entroclip.distributed import DistContext, global_loss_factor
 from entroclip.entropy import token_stats
-from entroclip.objectives import Aggregation, KLKind, surrogate_terms
+from entroclip.losses import LEDGER_KEYS, PolicyLossKind, ledger_terms
+from entroclip.objectives import Aggregation, KLKind, surrogate_terms, with_regularisers
 from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden
 from entroclip.value import clipped_value_loss
 
@@ -80,6 +81,7 @@ class RunSettings:
     value_coef: float
     value_clip: float
     cov: CovSettings | None
+    policy_loss: PolicyLossKind | None
 
     @classmethod
     def from_config(cls, config: Config) -> RunSettings:
@@ -98,6 +100,15 @@ class RunSettings:
             value_coef=config.advantage.value_coef,
             value_clip=config.advantage.value_clip,
             cov=CovSettings.from_config(config.control),
+            policy_loss=None
+            if config.loss.kind == "ppo"
+            else PolicyLossKind(
+                config.loss.kind,
+                config.loss.tau_pos,
+                config.loss.tau_neg,
+                config.loss.beta1,
+                config.loss.beta2,
+            ),
         )
 
 
@@ -117,7 +128,10 @@ STEP_STATS: dict[str, Reduction] = {
     "loss_pg": "sum",
     "value_loss": "sum",
     **dict.fromkeys(EFFECT_KEYS, "sum"),
+    "effect_rescale": "sum",
 }
+#: statistics that only some losses report (the kinds of entroclip.losses): absent until a step adds them
+_OPTIONAL = {"effect_rescale"}
 _START = {"sum": 0.0, "min": math.inf, "max": -math.inf}
 _COMBINE: dict[Reduction, Callable[[float, float], float]] = {"sum": operator.add, "min": min, "max": max}
 
@@ -127,7 +141,9 @@ class UpdateStats:
     """The ``STEP_STATS`` of every minibatch step of one update, combined; step counts and the summed
     gradient norm (the same on every rank). ``metrics()`` turns them into the update's metrics."""
 
-    totals: dict[str, float] = field(default_factory=lambda: {k: _START[r] for k, r in STEP_STATS.items()})
+    totals: dict[str, float] = field(
+        default_factory=lambda: {k: _START[r] for k, r in STEP_STATS.items() if k not in _OPTIONAL}
+    )
     grad_norm_sum: float = 0.0
     value_steps: int = 0
     optimizer_steps: int = 0
@@ -135,7 +151,8 @@ class UpdateStats:
 
     def add(self, values: dict[str, float]) -> None:
         for key, value in values.items():
-            self.totals[key] = _COMBINE[STEP_STATS[key]](self.totals[key], value)
+            reduction = STEP_STATS[key]
+            self.totals[key] = _COMBINE[reduction](self.totals.get(key, _START[reduction]), value)
 
     def reduced(self, ctx: DistContext) -> UpdateStats:
         """The stats of the global batch: every statistic combined over ranks by its reduction."""
@@ -143,7 +160,7 @@ class UpdateStats:
             return self
         totals = dict(self.totals)
         for reduction, reduce in (("sum", ctx.sum), ("min", ctx.min), ("max", ctx.max)):
-            keys = [k for k, r in STEP_STATS.items() if r == reduction]
+            keys = [k for k, r in STEP_STATS.items() if r == reduction and k in totals]
             totals.update(zip(keys, reduce([totals[k] for k in keys]), strict=True))
         return replace(self, totals=totals)
 
@@ -163,7 +180,9 @@ class UpdateStats:
             names.GRAD_NORM: self.grad_norm_sum / steps,
             names.OPTIMIZER_STEPS: float(self.optimizer_steps),
         }
-        out.update({names.entropy_metric(k): t[k] for k in EFFECT_KEYS})
+        out.update({names.entropy_metric(k): t[k] for k in EFFECT_KEYS if k in t})
+        if "effect_rescale" in t:
+            out[names.entropy_metric("effect_rescale")] = t["effect_rescale"]
         if t["cov_selected"]:
             out[names.CLIP_COV] = t["cov_selected"] / n
         if self.value_steps:
@@ -298,8 +317,10 @@ def _loss_terms(
     penalty: Tensor | None,
     selected: Tensor | None,
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
-    """The surrogate loss (before the data-parallel factor), the value loss, and the step's ``STEP_STATS``
+    """The policy loss (before the data-parallel factor), the value loss, and the step's ``STEP_STATS``
     as 0-d float32 tensors (the effects when kappa is given)."""
+    if settings.policy_loss is not None:
+        return _kind_loss_terms(mb, terms, tensors, settings, settings.policy_loss)
     mask = mb.rollout.response_mask
     out, _ = surrogate_terms(
         terms.logp,
@@ -320,25 +341,73 @@ def _loss_terms(
         token_penalty=penalty,
     )
     with torch.no_grad():
-        r = out.ratio
-        # tokens, clip_low, clip_high, dual and cov_selected, counted in one reduction
         clipped = out.clip_low | out.clip_high | out.dual
         cov = selected & ~clipped if selected is not None else torch.zeros_like(mask)
-        counts = torch.stack([mask, out.clip_low, out.clip_high, out.dual, cov]).flatten(1)
-        counts = counts.sum(-1, dtype=torch.float32)
-        inf = torch.full((), math.inf, dtype=torch.float32, device=r.device)
-        step = dict(zip(("tokens", "clip_low", "clip_high", "dual", "cov_selected"), counts, strict=True))
-        step["ratio_sum"] = torch.where(mask, r, 0.0).sum().float()
-        step["ratio_min"] = (torch.where(mask, r, math.inf).min() if r.numel() else inf).float()
-        step["ratio_max"] = (torch.where(mask, r, -math.inf).max() if r.numel() else -inf).float()
+        step = _event_stats(mask, out.ratio, (out.clip_low, out.clip_high, out.dual, cov))
         step["loss_pg"] = out.pg_loss.float()
-        step["value_loss"] = (
-            terms.value_loss if terms.value_loss is not None else torch.zeros_like(inf)
-        ).float()
+        step["value_loss"] = _value_loss_stat(terms.value_loss, step["tokens"])
         if terms.kappa is not None:
             effects = attribution_terms(out, terms.kappa, mb.advantages, terms.logp, mb.logp_old, mask)
             step.update(zip(EFFECT_KEYS, effects, strict=True))
     return out.loss, terms.value_loss, step
+
+
+def _kind_loss_terms(
+    mb: UpdateBatch, terms: PolicyTerms, tensors: ActionTensors, settings: RunSettings, kind: PolicyLossKind
+) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """:func:`_loss_terms` for the kinds of :mod:`entroclip.losses` (GSPO, CISPO, SAPO, CE-GPPO): their
+    events and generalised entropy ledger in the same statistics; ``effect_rescale`` besides."""
+    mask = mb.rollout.response_mask
+    out = kind(
+        terms.logp,
+        mb.logp_old,
+        mb.advantages,
+        mask,
+        tensors.eps_low,
+        tensors.eps_high,
+        settings.dual_clip,
+        settings.agg,
+        settings.max_len,
+    )
+    loss, _ = with_regularisers(
+        out.loss,
+        terms.logp,
+        mask,
+        settings.agg,
+        settings.max_len,
+        terms.entropy if tensors.entropy_coef is not None else None,
+        tensors.entropy_coef if tensors.entropy_coef is not None else 0.0,
+        mb.logp_ref if settings.kl_coef != 0.0 else None,
+        settings.kl_coef,
+        settings.kl_kind,
+    )
+    with torch.no_grad():
+        step = _event_stats(mask, out.ratio, (out.clip_low, out.clip_high, out.dual, torch.zeros_like(mask)))
+        step["loss_pg"] = out.loss.detach().float()
+        step["value_loss"] = _value_loss_stat(terms.value_loss, step["tokens"])
+        if terms.kappa is not None:
+            ledger = dict(zip(LEDGER_KEYS, ledger_terms(out, terms.kappa), strict=True))
+            step.update({key: ledger.get(key, torch.zeros_like(step["tokens"])) for key in EFFECT_KEYS})
+            step["effect_rescale"] = ledger["effect_rescale"]
+    return loss, terms.value_loss, step
+
+
+def _event_stats(
+    mask: Tensor, ratio: Tensor, events: tuple[Tensor, Tensor, Tensor, Tensor]
+) -> dict[str, Tensor]:
+    """Token and event counts (clip-low, clip-high, dual, covariance-selected) and the ratio's sum, min
+    and max over the valid tokens, 0-d float32 each; counted in one reduction."""
+    counts = torch.stack([mask, *events]).flatten(1).sum(-1, dtype=torch.float32)
+    inf = torch.full((), math.inf, dtype=torch.float32, device=ratio.device)
+    step = dict(zip(("tokens", "clip_low", "clip_high", "dual", "cov_selected"), counts, strict=True))
+    step["ratio_sum"] = torch.where(mask, ratio, 0.0).sum().float()
+    step["ratio_min"] = (torch.where(mask, ratio, math.inf).min() if ratio.numel() else inf).float()
+    step["ratio_max"] = (torch.where(mask, ratio, -math.inf).max() if ratio.numel() else -inf).float()
+    return step
+
+
+def _value_loss_stat(value_loss: Tensor | None, like: Tensor) -> Tensor:
+    return (value_loss if value_loss is not None else torch.zeros_like(like)).float()
 
 
 def _step_terms(
@@ -414,7 +483,9 @@ def _minibatch_step(
         del values["value_loss"]
     else:
         stats.value_steps += 1
-    for key in EFFECT_KEYS if settings.attribution else ():
+    for key in (*EFFECT_KEYS, "effect_rescale") if settings.attribution else ():
+        if key not in values:
+            continue
         values[key] = values[key] * factor / ctx.world_size
     stats.add(values)
     stats.grad_norm_sum += float(grad_norm)

@@ -75,6 +75,9 @@ BAD_OVERRIDES = [
     (["optim.lr=false"], "optim.lr: expected a number, got false"),
     (["eval.k=100000"], "eval.k: Input should be less than or equal to 1024"),
     (["diagnostics.probe_samples=5000"], "diagnostics.probe_samples: Input should be less than or equal"),
+    (["loss.kind=gspo", "loss.dual_clip=3"], "loss.dual_clip is defined for loss.kind ppo and ce_gppo"),
+    (["loss.kind=sapo", "control.kind=clip_cov"], "control.kind='clip_cov' acts on PPO's token clip"),
+    (["loss.kind=ppo2"], "loss.kind: Input should be 'ppo', 'gspo', 'cispo', 'sapo' or 'ce_gppo'"),
     (
         ["task.prompts_per_step=65536", "rollout.group_size=1024"],
         "a step of this config needs about",

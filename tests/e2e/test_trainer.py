@@ -5,7 +5,7 @@ from itertools import combinations
 
 import pytest
 import torch
-from runs import rows, train, without_timings
+from runs import SMALL, rows, train, without_timings
 from typer.testing import CliRunner
 
 from entroclip.cli import app
@@ -170,3 +170,36 @@ def test_a_trace_task_run_logs_where_the_entropy_sits(tmp_path):
     for row in rows(tmp_path / "run"):
         low, high = sorted((row["entropy/trace"], row["entropy/answer"]))
         assert low - 1e-9 <= row["entropy/rollout"] <= high + 1e-9
+
+
+@pytest.mark.parametrize("kind", ["gspo", "cispo", "sapo", "ce_gppo"])
+def test_each_loss_kind_trains_and_logs_its_ledger(tmp_path, kind):
+    """``entroclip train configs/quick.yaml --set loss.kind=K`` runs (with the counterfactual probe) and logs
+    the clip events and the generalised first-order ledger."""
+    run = tmp_path / kind
+    overrides = [*SMALL, f"loss.kind={kind}", "run.steps=2", "diagnostics.counterfactual_every=1"]
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "configs/quick.yaml",
+            *[a for o in overrides for a in ("--set", o)],
+            "--out",
+            str(run),
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    last = rows(run)[-1]
+    for key in (
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "entropy/effect_low",
+        "entropy/effect_high",
+        "entropy/effect_pos",
+        "entropy/effect_neg",
+        "entropy/effect_rescale",
+        "entropy/cf_effect_low",
+    ):
+        assert key in last and math.isfinite(last[key]), key
+    assert load_config(run / "config.yaml").loss.kind == kind

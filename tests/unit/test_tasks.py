@@ -94,7 +94,9 @@ def test_make_task_registry():
     task = make_task("addition", digits=3)
     assert task == AdditionTask(digits=3)
     assert make_task("entroclip.tasks.procedural:ReverseTask", digits=2) == ReverseTask(digits=2)
-    with pytest.raises(ValueError, match="unknown task 'nope'; known: addition, addition_trace, jsonl, multiplication"):
+    with pytest.raises(
+        ValueError, match="unknown task 'nope'; known: addition, addition_trace, jsonl, multiplication"
+    ):
         make_task("nope")
     with pytest.raises(ValueError, match="accepted options: digits, eval_fraction"):
         make_task("addition", digit=3)

@@ -160,3 +160,34 @@ def test_statistics_are_reduced_over_ranks_by_their_own_reduction():
         expected = {"sum": 2.0 + 3.0 + 10.0, "min": 2.0, "max": 10.0}[reduction]
         assert reduced.totals[key] == expected, key
     assert {STEP_STATS["ratio_min"], STEP_STATS["ratio_max"]} == {"min", "max"}
+
+
+@pytest.mark.parametrize("kind", ["gspo", "cispo", "sapo", "ce_gppo"])
+def test_each_loss_kind_steps_by_its_own_gradient(rig, kind):
+    """With ``loss.kind``, the update's step is the gradient of that kind's loss (entroclip.losses, on a
+    plain float64 forward pass), and its events are the update's clip statistics."""
+    from entroclip.losses import PolicyLossKind
+
+    model, batch = rig
+    settings = one_step_settings(policy_loss=PolicyLossKind(kind))
+    action = ControlAction(0.2, 0.2, 0.0)
+    updated, stats, _ = sgd_update(model, batch, settings, action)
+    reference = copy.deepcopy(model).double()
+    r = batch.rollout
+    logits = reference(input_ids=r.input_ids, attention_mask=r.attention_mask).logits[
+        :, r.prompt_len - 1 : -1
+    ]
+    logp = torch.log_softmax(logits, -1).gather(-1, r.responses[..., None])[..., 0]
+    out = PolicyLossKind(kind)(
+        logp, batch.logp_old.double(), batch.advantages, r.response_mask, 0.2, 0.2, None, "token-mean", 5
+    )
+    grads = torch.autograd.grad(out.loss, list(reference.parameters()))
+    for (name, before), after, grad in zip(
+        model.named_parameters(), updated.parameters(), grads, strict=True
+    ):
+        torch.testing.assert_close((before - after).double(), grad, rtol=1e-4, atol=2e-6, msg=name)
+    metrics = stats.metrics()
+    n = int(r.response_mask.sum())
+    assert metrics["clip_ratio/low_mean"] == pytest.approx(int(out.clip_low.sum()) / n, abs=1e-12)
+    assert metrics["clip_ratio/high_mean"] == pytest.approx(int(out.clip_high.sum()) / n, abs=1e-12)
+    assert "entropy/effect_rescale" in metrics
