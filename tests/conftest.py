@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import trainer
+from support import trainer
 
 # Results are bit-identical for a fixed seed only at a fixed thread count.
 torch.set_num_threads(1)

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from runs import cli, error_line, files, sets, trainer
+from support import cli, error_line, files, sets, trainer
 from typer.testing import CliRunner
 
 from entroclip.cli import app

@@ -16,7 +16,7 @@ import pytest
     ],
 )
 def test_trainer_runs_each_controller(tmp_path, overrides, keys):
-    from runs import rows, train
+    from support import rows, train
 
     metrics = rows(train(tmp_path, "run.steps=2", *overrides))
     assert keys <= set(metrics[-1])
@@ -29,7 +29,7 @@ def test_trainer_runs_each_controller(tmp_path, overrides, keys):
 
 
 def test_controller_state_survives_resume(tmp_path):
-    from runs import rows, train, without_timings
+    from support import rows, train, without_timings
 
     from entroclip.config import load_config
     from entroclip.trainer import Trainer

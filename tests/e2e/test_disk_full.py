@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from runs import SMALL, cli, error_line, rows, sets, trainer, without_timings
+from support import SMALL, cli, error_line, rows, sets, trainer, without_timings
 
 import entroclip.checkpoint as checkpoint
 

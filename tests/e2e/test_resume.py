@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydantic
 import pytest
-from runs import SMALL, cli, error_line, files, rows, sets, trainer, unwrapped, without_timings
+from support import SMALL, cli, error_line, files, rows, sets, trainer, unwrapped, without_timings
 
 from entroclip.checkpoint import list_checkpoints
 from entroclip.config import load_config

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import SMALL, cli, equal, error_line, rows, sets, trainer, unwrapped, without_timings
+from support import SMALL, cli, equal, error_line, rows, sets, trainer, unwrapped, without_timings
 
 import entroclip.update as update
 from entroclip.checkpoint import load_checkpoint
@@ -151,7 +151,7 @@ def test_malformed_dataset_lines_are_skipped_and_counted_on_request(tmp_path):
 
 
 def test_a_run_whose_reward_always_fails_warns_once_then_stops_with_exit_1(tmp_path):
-    from runs import cli, sets
+    from support import cli, sets
 
     out = tmp_path / "run"
     reward = ("reward.name=faulty_rewards:faulty", "reward.options={mode: always_raise}")
@@ -167,7 +167,7 @@ def test_a_run_whose_reward_always_fails_warns_once_then_stops_with_exit_1(tmp_p
 
 def test_the_monitor_resumes_exactly(tmp_path):
     """A run stopped at a checkpoint in the middle of a failing streak counts on from where it was."""
-    from runs import cli, sets
+    from support import cli, sets
 
     out = tmp_path / "run"
     reward = ("reward.name=faulty_rewards:faulty", "reward.options={mode: always_raise}")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import cli, error_line, files, rows, sets, trainer, without_timings
 from safetensors import SafetensorError
+from support import cli, error_line, files, rows, sets, trainer, without_timings
 
 import entroclip.checkpoint as checkpoint
 from entroclip.checkpoint import _sha256

@@ -4,7 +4,7 @@ failures after the folder was made."""
 import errno
 
 import pytest
-from runs import assert_help_is_whole, error_line, files
+from support import assert_help_is_whole, error_line, files
 from typer.testing import CliRunner
 
 from entroclip.cli import app

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from runs import SMALL, process_alive
+from support import SMALL, process_alive
 from typer.testing import CliRunner
 
 from entroclip.cli import app

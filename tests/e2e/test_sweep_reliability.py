@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from runs import SMALL, assert_help_is_whole, error_line, files, process_alive, rows, sets
+from support import SMALL, assert_help_is_whole, error_line, files, process_alive, rows, sets
 from typer.testing import CliRunner
 
 from entroclip.cli import app

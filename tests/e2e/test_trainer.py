@@ -5,7 +5,7 @@ from itertools import combinations
 
 import pytest
 import torch
-from runs import SMALL, rows, train, without_timings
+from support import SMALL, rows, train, without_timings
 from typer.testing import CliRunner
 
 from entroclip.cli import app
@@ -158,7 +158,7 @@ def test_cli_refuses_existing_run_folder(tmp_path):
 def test_a_trace_task_run_logs_where_the_entropy_sits(tmp_path):
     """entropy/trace and entropy/answer are the rollout entropy over the two parts: their token-weighted
     mean is entropy/rollout, so it lies between them."""
-    from runs import SMALL, rows
+    from support import SMALL, rows
 
     from entroclip.config import load_config
     from entroclip.trainer import Trainer

@@ -186,3 +186,39 @@ def test_divergence_is_reported():
         simulate_trajectory(
             logits, LabConfig(optimiser="npg", lr=1e36), 3, 20, torch.Generator().manual_seed(0)
         )
+
+
+def test_the_lab_runs_each_loss_kind_with_its_own_weights():
+    """--loss: each sample is one action, so GSPO's sequence ratio is the token ratio and GSPO weights the
+    samples as PPO does with the same bounds; CISPO without bounds is the unclipped policy gradient; SAPO's
+    weight is A f'(r) r with its gate f."""
+    import math
+
+    import torch
+
+    from entroclip.losses import SAPO_HALF_SLOPE, PolicyLossKind
+    from entroclip.theory.updates import ClipBounds, surrogate_weights
+
+    gen = torch.Generator().manual_seed(0)
+    logp_old = torch.log(torch.rand(3, 40, generator=gen, dtype=torch.float64) * 0.9 + 0.05)
+    logp_new = logp_old + 0.3 * torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    adv = torch.randn(3, 40, generator=gen, dtype=torch.float64)
+    bounds = ClipBounds(0.2, 0.28)
+    ppo, ppo_fractions = surrogate_weights(logp_new, logp_old, adv, bounds)
+    gspo, gspo_fractions = surrogate_weights(logp_new, logp_old, adv, bounds, loss=PolicyLossKind("gspo"))
+    torch.testing.assert_close(gspo, ppo, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(gspo_fractions, ppo_fractions)
+    assert float(ppo_fractions[0]) > 0 and float(ppo_fractions[1]) > 0  # both sides clip somewhere
+    unclipped, _ = surrogate_weights(logp_new, logp_old, adv, ClipBounds(None, None))
+    cispo, _ = surrogate_weights(
+        logp_new, logp_old, adv, ClipBounds(None, None), loss=PolicyLossKind("cispo")
+    )
+    torch.testing.assert_close(cispo, unclipped, rtol=1e-6, atol=1e-9)
+    sapo, _ = surrogate_weights(logp_new, logp_old, adv, bounds, loss=PolicyLossKind("sapo"))
+    r = torch.exp(logp_new.float() - logp_old.float()).double()  # the ratio in float32, as the losses take it
+    tau = torch.where(adv > 0, 1.0, 1.05)
+    sigma = torch.sigmoid(tau * (r - 1.0))
+    # weights are per seed's mean over its 40 samples, as PPO's are
+    expected = adv * 4.0 * sigma * (1.0 - sigma) * r / 40
+    torch.testing.assert_close(sapo, expected, rtol=1e-5, atol=1e-7)
+    assert pytest.approx(math.log(3 + 2 * math.sqrt(2))) == SAPO_HALF_SLOPE

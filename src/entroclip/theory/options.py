@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import torch
 import typer
 
+from entroclip.losses import PolicyLossKind
 from entroclip.resources import available_memory, format_bytes
 from entroclip.theory.policies import initial_logits
 from entroclip.theory.rewards import RandomReward
@@ -91,6 +92,7 @@ class LabOptions:
     reward: Literal["bernoulli", "gaussian"]
     advantage: Literal["grpo", "drgrpo", "rloo"]
     optimiser: Literal["pg", "npg", "adam"]
+    loss: Literal["ppo", "gspo", "cispo", "sapo", "ce_gppo"]
     lr: float | None
     mu: int
     minibatches: int
@@ -128,6 +130,7 @@ class LabOptions:
                 prompts=self.prompts,
                 group_size=self.group_size,
                 reward=RandomReward(self.reward, self.p, self.advantage),
+                loss=None if self.loss == "ppo" else PolicyLossKind(self.loss),
             )
         except ValueError as error:
             raise typer.BadParameter(str(error)) from None
@@ -205,6 +208,18 @@ _LAB_OPTIONS: list[tuple[str, Any, Any]] = [
     ("reward", "bernoulli", Annotated[Literal["bernoulli", "gaussian"], _option("--reward")]),
     ("advantage", "grpo", Annotated[Literal["grpo", "drgrpo", "rloo"], _option("--advantage")]),
     ("optimiser", "pg", Annotated[Literal["pg", "npg", "adam"], _option("--optimiser")]),
+    (
+        "loss",
+        "ppo",
+        Annotated[
+            Literal["ppo", "gspo", "cispo", "sapo", "ce_gppo"],
+            _option(
+                "--loss",
+                help="Clipping scheme (entroclip.losses; the kind's own parameters at their defaults, the "
+                "bounds from --eps-low / --eps-high); one action per sample, so GSPO clips like PPO.",
+            ),
+        ],
+    ),
     (
         "lr",
         None,

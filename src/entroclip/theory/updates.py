@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from entroclip.compiling import CompiledForLargeInputs
+from entroclip.losses import PolicyLossKind
 from entroclip.objectives import surrogate_terms
 from entroclip.theory.rewards import RandomReward
 from entroclip.theory.softmax import SoftmaxState
@@ -85,6 +86,8 @@ class LabConfig:
     prompts: int = 4
     group_size: int = 8
     reward: RandomReward = field(default_factory=RandomReward)
+    #: a loss of entroclip.losses (GSPO, CISPO, SAPO, CE-GPPO) with the clip's bounds; None: PPO's clip
+    loss: PolicyLossKind | None = None
 
     def __post_init__(self) -> None:
         if self.optimiser not in OPTIMISERS:
@@ -113,7 +116,7 @@ class LabConfig:
         holds for PG and NPG when each minibatch is used once (one pass): its groups were not used to
         move pi_k. From the second pass on, the clipped samples are the ones that moved the policy.
         """
-        return self.optimiser in ("pg", "npg") and self.passes == 1
+        return self.optimiser in ("pg", "npg") and self.passes == 1 and self.loss is None
 
 
 @dataclass(frozen=True)
@@ -197,16 +200,43 @@ def _weights_and_fractions(
 _weights_pass = CompiledForLargeInputs(_weights_and_fractions, "the theory lab")
 
 
+def _kind_weights_and_fractions(
+    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip: ClipBounds, loss: PolicyLossKind
+) -> tuple[Tensor, Tensor]:
+    """:func:`surrogate_weights` for a loss of :mod:`entroclip.losses`, eagerly. Each sample is a one-token
+    response (GSPO's sequence ratio is then the token ratio), and the mean over all S B samples has the
+    same gradient per sample as the mean over each seed's B samples, then over the S seeds."""
+    seeds = logp_new.shape[0]
+
+    def objective(logp: Tensor) -> tuple[Tensor, Tensor]:
+        column = (logp.reshape(-1, 1), logp_old.reshape(-1, 1), advantages.reshape(-1))
+        mask = torch.ones_like(column[0], dtype=torch.bool)
+        out = loss(*column, mask, clip.eps_low, clip.eps_high, clip.dual_clip, "seq-mean-token-mean", None)
+        fractions = [event.float().mean() for event in (out.clip_low, out.clip_high, out.dual)]
+        return out.loss, torch.stack(fractions)
+
+    grad, fractions = torch.func.grad(objective, has_aux=True)(logp_new)
+    return -grad * seeds, fractions
+
+
 def surrogate_weights(
-    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, clip: ClipBounds, policy_size: int = 0
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    clip: ClipBounds,
+    policy_size: int = 0,
+    loss: PolicyLossKind | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-sample weights w = dJ/dlog pi(a) of each seed's mean clipped surrogate J, ``[S, B]``, and the
     fractions of samples clipped low, high and by the dual clip, ``[3]``.
 
     Rows are seeds; ``seq-mean-token-mean`` averages over the B samples of a row and then over the S
     rows, so S times the gradient of the core's loss is minus each seed's own gradient. ``policy_size``
-    (logits of the policies stepped) decides whether the work runs compiled.
+    (logits of the policies stepped) decides whether the work runs compiled. ``loss``: a kind of
+    :mod:`entroclip.losses` instead of PPO's clip (always eager).
     """
+    if loss is not None:
+        return _kind_weights_and_fractions(logp_new, logp_old, advantages, clip, loss)
     # a side that is off gets a bound that never fires (r < 0, r > inf): one compiled graph serves all
     bounds = (
         1.0 if clip.eps_low is None else clip.eps_low,
@@ -375,7 +405,12 @@ def lab_update(
     for minibatch in batch.minibatches(config.minibatches):
         logp_new = policy.log_probs_at(minibatch.flat_actions, minibatch.contexts)
         weights, clipped = surrogate_weights(
-            logp_new, minibatch.logp_old, minibatch.advantages, config.clip, policy.logits.numel()
+            logp_new,
+            minibatch.logp_old,
+            minibatch.advantages,
+            config.clip,
+            policy.logits.numel(),
+            config.loss,
         )
         if observer is not None:
             observer.before_step(policy)
