@@ -182,12 +182,15 @@ class OptimConfig(Section):
 class ControlConfig(Section):
     """Entropy control (see entroclip.control)."""
 
-    kind: Literal["static", "clip_low", "entropy_bonus", "clip_cov", "kl_cov"] = Field(
+    kind: Literal["static", "clip_low", "clip", "entropy_bonus", "clip_cov", "kl_cov"] = Field(
         "static",
-        description="static: fixed bounds; clip_low: move eps_low to hold the entropy; entropy_bonus: adapt "
-        "the entropy coefficient; clip_cov / kl_cov: covariance-based token selection (Cui et al. 2025)",
+        description="static: fixed bounds; clip_low: move eps_low to hold the entropy; clip: move eps_low "
+        "and eps_high along one schedule; entropy_bonus: adapt the entropy coefficient; clip_cov / kl_cov: "
+        "covariance-based token selection (Cui et al. 2025)",
     )
-    target: Float | None = Field(None, gt=0, description="entropy to hold, nats (clip_low, entropy_bonus)")
+    target: Float | None = Field(
+        None, gt=0, description="entropy to hold, nats (clip_low, clip, entropy_bonus)"
+    )
     target_ratio: Float | None = Field(
         None, gt=0, description="entropy to hold as a fraction of the rollout entropy at step 1"
     )
@@ -198,8 +201,21 @@ class ControlConfig(Section):
     )
     eps_low_min: Float = Field(0.02, ge=0, le=1, description="clip_low: lower bound of eps_low")
     eps_low_max: Float = Field(0.4, ge=0, le=1, description="clip_low: upper bound of eps_low")
-    kp: Float = Field(1.0, ge=0, description="clip_low: proportional gain (eps_low per unit relative error)")
-    ki: Float = Field(0.1, ge=0, description="clip_low: integral gain (per step)")
+    kp: Float = Field(
+        1.0,
+        ge=0,
+        description="clip_low, clip: proportional gain (eps_low, or the clip output, per unit relative "
+        "error)",
+    )
+    ki: Float = Field(0.1, ge=0, description="clip_low, clip: integral gain (per step)")
+    eps_high_min: Float = Field(
+        0.05, ge=0, description="clip: eps_high at the output -1 (the tightest clip-high, lowering entropy)"
+    )
+    eps_high_max: Float = Field(
+        1.0,
+        ge=0,
+        description="clip: eps_high just below the output +1; at +1 clip-high is off (raising entropy)",
+    )
     coef_init: Float = Field(1e-3, gt=0, description="entropy_bonus: initial coefficient")
     coef_min: Float = Field(
         1e-5, gt=0, description="entropy_bonus: smallest coefficient (no windup below it while H > target)"
@@ -221,11 +237,16 @@ class ControlConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ControlConfig:
-        if self.kind in ("clip_low", "entropy_bonus") and (self.target is None) == (
+        if self.kind in ("clip_low", "clip", "entropy_bonus") and (self.target is None) == (
             self.target_ratio is None
         ):
             raise ValueError(
                 f"control.kind={self.kind!r} needs exactly one of control.target, control.target_ratio"
+            )
+        if self.eps_high_min > self.eps_high_max:
+            raise ValueError(
+                f"control.eps_high_min ({self.eps_high_min}) must be <= "
+                f"control.eps_high_max ({self.eps_high_max})"
             )
         if self.eps_low_min > self.eps_low_max:
             raise ValueError(
@@ -327,7 +348,7 @@ class Config(Section):
                 f"optim.minibatches (or optim.epochs) must be >= 2 for control.kind={self.control.kind!r}: "
                 "with one on-policy step per rollout the ratio stays 1 and the covariance rule cannot act"
             )
-        if self.loss.kind != "ppo" and self.control.kind in ("clip_cov", "kl_cov", "clip_low"):
+        if self.loss.kind != "ppo" and self.control.kind in ("clip_cov", "kl_cov", "clip_low", "clip"):
             raise ValueError(
                 f"control.kind={self.control.kind!r} acts on PPO's token clip: it needs loss.kind=ppo, got "
                 f"{self.loss.kind!r}"

@@ -144,6 +144,86 @@ class ClipLowController(Controller):
         self.integral, self.current = state["integral"], state["current"]
 
 
+class ClipController(Controller):
+    """A PI controller whose one output u in [-1, 1] moves eps_low and eps_high together along one schedule
+    (clipping first: it adds no gradient term).
+
+    With e = (target - H) / target and the integral I of past e, u = clamp(kp e + ki I, -1, 1): too little
+    entropy gives u > 0. The schedule is piecewise linear through three points:
+    - u = -1: the loosest clip-low (``eps_low_max``) and the tightest clip-high (``eps_high_min``), which
+      lower entropy;
+    - u = 0: the config's bounds (``loss.eps_low``, ``loss.eps_high``);
+    - u = +1: the tightest clip-low (``eps_low_min``) and clip-high off, which raise entropy; just below
+      +1, eps_high is ``eps_high_max``.
+    Anti-windup by clamping the integral: it stops where the output reaches the bound the error pushes
+    towards, so that the output saturates exactly and leaves the bound as soon as the error turns.
+    """
+
+    def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
+        super().__init__(loss)
+        self.target = _target(control)
+        self.kp, self.ki = control.kp, control.ki
+        self.low_range = (
+            control.eps_low_min,
+            loss.eps_low if loss.eps_low is not None else 0.2,
+            control.eps_low_max,
+        )
+        self.high_range = (
+            control.eps_high_min,
+            loss.eps_high if loss.eps_high is not None else 0.2,
+            control.eps_high_max,
+        )
+        self.integral = 0.0
+        self.output = 0.0
+
+    def bounds(self, u: float) -> tuple[float, float | None]:
+        """(eps_low, eps_high) at output ``u`` in [-1, 1] (eps_high None: clip-high off, at u = 1)."""
+        low_min, low_ref, low_max = self.low_range
+        high_min, high_ref, high_max = self.high_range
+        if u >= 1.0:
+            return low_min, None
+        if u >= 0.0:
+            return low_ref + u * (low_min - low_ref), high_ref + u * (high_max - high_ref)
+        return low_ref - u * (low_max - low_ref), high_ref - u * (high_min - high_ref)
+
+    def act(self, step: int, entropy: float) -> ControlAction:
+        self.target.observe(entropy)
+        if not self.target.held(step):
+            self.output = 0.0
+            return self.static
+        error = self.target.relative_error()
+        self.integral = self._integrate(error)
+        self.output = min(max(self.kp * error + self.ki * self.integral, -1.0), 1.0)
+        eps_low, eps_high = self.bounds(self.output)
+        return replace(self.static, eps_low=eps_low, eps_high=eps_high)
+
+    def _integrate(self, error: float) -> float:
+        """The integral after adding ``error``, stopped where the output reaches the bound it is pushed
+        towards (it is never pulled back for the proportional term alone): the output saturates
+        exactly and leaves the bound as soon as the error turns."""
+        pushed = self.integral + error
+        if self.ki == 0.0:
+            return pushed
+        if error > 0:
+            return min(pushed, max(self.integral, (1.0 - self.kp * error) / self.ki))
+        return max(pushed, min(self.integral, (-1.0 - self.kp * error) / self.ki))
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "control/target": float(self.target.value or 0.0),
+            "control/integral": self.integral,
+            "control/output": self.output,
+            "control/saturated": float(abs(self.output) >= 1.0),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict(), "integral": self.integral, "output": self.output}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])
+        self.integral, self.output = state["integral"], state["output"]
+
+
 class EntropyBonusController(Controller):
     """An entropy bonus whose coefficient adapts to hold the rollout entropy at a target.
 
@@ -197,6 +277,8 @@ def make_controller(control: ControlConfig, loss: LossConfig) -> Controller:
     """The controller of ``control.kind`` (Clip-Cov acts per minibatch and keeps the static bounds)."""
     if control.kind == "clip_low":
         return ClipLowController(control, loss)
+    if control.kind == "clip":
+        return ClipController(control, loss)
     if control.kind == "entropy_bonus":
         return EntropyBonusController(control, loss)
     if control.kind == "kl_cov":

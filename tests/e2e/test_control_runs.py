@@ -7,6 +7,7 @@ import pytest
     ("overrides", "keys"),
     [
         (["control.kind=clip_low", "control.target_ratio=1.2"], {"control/eps_low", "control/integral"}),
+        (["control.kind=clip", "control.target_ratio=1.2"], {"control/output", "control/saturated"}),
         (["control.kind=entropy_bonus", "control.target=3.0"], {"control/coef", "control/entropy_coef"}),
         (
             ["control.kind=clip_cov", "control.cov_fraction=0.05", "control.cov_lower=-100"],

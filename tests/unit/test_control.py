@@ -187,3 +187,46 @@ def test_clip_cov_draws_only_eligible_unclipped_tokens():
     assert set(everything.flatten().nonzero().squeeze(-1).tolist()) == eligible
     none = clip_cov_select(adv, logp, mask, clipped, 1.0, 100.0, 200.0, torch.Generator().manual_seed(0))
     assert not none.any()
+
+
+def clip_controller(**kw):
+    from entroclip.control import ClipController
+
+    return ClipController(ControlConfig(kind="clip", **kw), LOSS)
+
+
+def test_clip_controller_schedule_runs_through_its_three_points():
+    ctl = clip_controller(target=1.0, eps_low_min=0.05, eps_low_max=0.4, eps_high_min=0.05, eps_high_max=1.0)
+    assert ctl.bounds(-1.0) == pytest.approx((0.4, 0.05))  # loose clip-low, tight clip-high: entropy down
+    assert ctl.bounds(0.0) == pytest.approx((0.2, 0.2))  # the config's bounds
+    assert ctl.bounds(0.5) == pytest.approx((0.125, 0.6))
+    assert ctl.bounds(1.0) == (0.05, None)  # tightest clip-low, clip-high off: entropy up
+    lows, highs = zip(*(ctl.bounds(u) for u in (-1.0, -0.5, 0.0, 0.5, 0.99)), strict=True)
+    assert list(lows) == sorted(lows, reverse=True) and list(highs) == sorted(highs)  # monotone in u
+
+
+def test_clip_controller_sign_and_anti_windup():
+    """Too little entropy moves the output up (tighter clip-low, looser clip-high); while the output is
+    saturated in the error's direction the integral does not grow, so it comes off the bound at once."""
+    ctl = clip_controller(target=1.0, kp=1.0, ki=0.5)
+    action = ctl.act(1, 0.8)  # 20% too low
+    assert ctl.output > 0 and action.eps_low < 0.2 and action.eps_high > 0.2
+    for step in range(2, 30):
+        ctl.act(step, 0.2)  # far too low: saturates at +1
+    assert ctl.output == 1.0 and ctl.metrics()["control/saturated"] == 1.0
+    held = ctl.integral
+    ctl.act(30, 0.2)
+    assert ctl.integral == held  # no windup while saturated
+    action = ctl.act(31, 1.5)  # far too high: leaves the bound at once
+    assert ctl.output < 1.0 and action.eps_high is not None
+    too_high = clip_controller(target=1.0)
+    action = too_high.act(1, 1.3)
+    assert too_high.output < 0 and action.eps_low > 0.2 and action.eps_high < 0.2
+
+
+def test_clip_controller_state_round_trips():
+    a, b = clip_controller(target_ratio=0.8, smoothing=0.5), clip_controller(target_ratio=0.8, smoothing=0.5)
+    for step, h in enumerate([1.0, 0.9, 0.7, 0.75], start=1):
+        a.act(step, h)
+    b.load_state_dict(a.state_dict())
+    assert a.act(5, 0.6) == b.act(5, 0.6) and a.metrics() == b.metrics()
