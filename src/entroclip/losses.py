@@ -53,10 +53,10 @@ from torch import Tensor
 from entroclip.objectives import (
     LOG_RATIO_LIMIT,
     Aggregation,
-    _check_eps,
-    _check_shapes,
     aggregation_scale,
     broadcast_advantages,
+    check_eps,
+    check_shapes,
     clip_masks,
     importance_ratio,
 )
@@ -107,7 +107,7 @@ class PolicyLoss:
 
 def _inputs(logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """(bool mask, float32 per-token advantages with 0 on invalid tokens), after the shape checks."""
-    _check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
+    check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
     mask = mask.bool()
     adv = broadcast_advantages(advantages, mask).to(torch.float32)
     return mask, torch.where(mask, adv, torch.zeros_like(adv))
@@ -193,7 +193,7 @@ def ppo_loss(
     """PPO's token clip ``min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)`` (with optional dual-clip at c =
     ``dual_clip``), the same loss and gradient as :func:`entroclip.objectives.surrogate_terms` (without its
     extra terms), as the reference kind of the ledger. Parameters as there; None switches a bound off."""
-    _check_eps(eps_low, eps_high, dual_clip)
+    check_eps(eps_low, eps_high, dual_clip)
     mask, adv = _inputs(logp_new, logp_old, advantages, mask)
     ratio = importance_ratio(logp_new, logp_old, mask)
     scale = aggregation_scale(mask, agg, max_len)
@@ -222,7 +222,7 @@ def gspo_loss(
     The sequence log-ratio is clamped to +-LOG_RATIO_LIMIT (verl clamps the token form at +10 only, which
     drops the gradient of an A < 0 sequence with s_i > e^10; here it is kept).
     """
-    _check_eps(eps_low, eps_high, None)
+    check_eps(eps_low, eps_high, None)
     mask, adv = _inputs(logp_new, logp_old, advantages, mask)
     zero = torch.zeros_like(adv)
     logp = torch.where(mask, logp_new.float(), zero)  # padding may hold anything, even inf
@@ -254,7 +254,7 @@ def cispo_loss(
             ``epsilon_high = 1 + eps_high``.
         agg, max_len: aggregation (verl's default and TRL's normalisation by the token count: token-mean).
     """
-    _check_eps(eps_low, eps_high, None)
+    check_eps(eps_low, eps_high, None)
     mask, adv = _inputs(logp_new, logp_old, advantages, mask)
     ratio = importance_ratio(logp_new.detach(), logp_old, mask)
     # an absent bound is one the ratio (in [e^-20, e^20]) never crosses
@@ -338,7 +338,7 @@ def cegppo_loss(
         dual_clip: c > 1 or None (the authors always apply it: 3.0 by default, 10.0 in their recipes).
         agg, max_len: aggregation (the authors' recipes: token-mean).
     """
-    _check_eps(eps_low, eps_high, dual_clip)
+    check_eps(eps_low, eps_high, dual_clip)
     if not (beta1 >= 0.0 and beta2 >= 0.0):
         raise ValueError(f"beta1 and beta2 must be >= 0, got {beta1} and {beta2}")
     if dual_clip is not None and eps_low is not None and beta1 * (1.0 - eps_low) >= dual_clip:

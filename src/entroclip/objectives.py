@@ -55,7 +55,7 @@ class SurrogateOutput:
     stats: dict[str, float] = field(default_factory=dict)
 
 
-def _check_eps(eps_low: float | None, eps_high: float | None, dual_clip: float | None) -> None:
+def check_eps(eps_low: float | None, eps_high: float | None, dual_clip: float | None) -> None:
     if eps_low is not None and not 0.0 <= eps_low <= 1.0:
         raise ValueError(f"eps_low must be in [0, 1] or None (no clip-low), got {eps_low}")
     if eps_high is not None and not eps_high >= 0.0:
@@ -76,7 +76,7 @@ def broadcast_advantages(advantages: Tensor, mask: Tensor) -> Tensor:
     )
 
 
-def _check_shapes(**tensors: Tensor) -> None:
+def check_shapes(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"shapes must agree, got {shapes}")
@@ -175,7 +175,7 @@ def clipped_surrogate(
             keep their loss value and are reported in ``out.detached`` and ``clip_ratio/cov_mean``.
         token_penalty: optional per-token loss term ``[B, T]`` added before aggregation (KL-Cov).
     """
-    _check_eps(eps_low, eps_high, dual_clip)
+    check_eps(eps_low, eps_high, dual_clip)
     out, extra = surrogate_terms(
         logp_new,
         logp_old,
@@ -231,7 +231,7 @@ def surrogate_terms(
     whenever ``entropy`` / ``logp_ref`` are given. ``eps_low``, ``eps_high``, ``dual_clip`` and
     ``entropy_coef`` may be 0-d tensors, so that a compiled caller does not specialise on their values
     (they change from step to step under a controller)."""
-    _check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
+    check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
     mask = mask.bool()
     adv = broadcast_advantages(advantages, mask).to(torch.float32)
     adv = torch.where(mask, adv, torch.zeros_like(adv))
@@ -253,12 +253,12 @@ def surrogate_terms(
     unclipped_value = -adv * ratio
     detached = torch.zeros_like(mask)
     if detach is not None:
-        _check_shapes(detach=detach, mask=mask)
+        check_shapes(detach=detach, mask=mask)
         detached = detach.bool() & mask & ~clipped
         unclipped_value = torch.where(detached, unclipped_value.detach(), unclipped_value)
     per_token = torch.where(clipped, clipped_value, unclipped_value)
     if token_penalty is not None:
-        _check_shapes(token_penalty=token_penalty, mask=mask)
+        check_shapes(token_penalty=token_penalty, mask=mask)
         per_token = per_token + torch.where(mask, token_penalty.float(), torch.zeros_like(adv))
 
     scale = aggregation_scale(mask, agg, max_len)
@@ -291,12 +291,12 @@ def with_regularisers(
     loss = pg_loss
     extra: dict[str, Tensor] = {}
     if entropy is not None:
-        _check_shapes(entropy=entropy, mask=mask)
+        check_shapes(entropy=entropy, mask=mask)
         ent_term = aggregate(entropy.float(), mask, agg, max_len)
         loss = loss - entropy_coef * ent_term
         extra["loss/entropy_bonus"] = ent_term.detach()
     if logp_ref is not None:
-        _check_shapes(logp_ref=logp_ref, mask=mask)
+        check_shapes(logp_ref=logp_ref, mask=mask)
         zero = torch.zeros_like(logp_new, dtype=torch.float32)
         kl = kl_penalty(
             torch.where(mask, logp_new.float(), zero), torch.where(mask, logp_ref.float(), zero), kl_kind

@@ -168,7 +168,7 @@ class Trainer:
         self.skipped_total = 0
         if resume:
             self._restore()
-        self.vllm = self.sampler.vllm = self._vllm_sampler()
+        self.sampler.vllm = self._vllm_sampler()
         self.train_model = data_parallel(self.model, self.ctx, self.sharded)
         self.train_value_head = (
             data_parallel(self.value_head, self.ctx, self.sharded) if self.value_head is not None else None
@@ -343,8 +343,8 @@ class Trainer:
                 self.compiler,
             )
         stats = stats.reduced(self.ctx)
-        if self.vllm is not None:
-            self.vllm.sync_weights(self.model)
+        if self.sampler.vllm is not None:  # the engine samples the next rollout with the new weights
+            self.sampler.vllm.sync_weights(self.model)
         self.skipped_total += stats.skipped_steps
         t2 = time.perf_counter()
         metrics.update(stats.metrics())
