@@ -150,12 +150,21 @@ class LossConfig(Section):
     beta2: Float = Field(
         1.0, ge=0, le=10, description="ce_gppo: share of the gradient kept on clip-high tokens"
     )
+    top_entropy_quantile: Float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="keep the policy loss only on this top fraction of tokens by entropy (the 80/20 rule, "
+        "0.2; TRL's top_entropy_quantile); 1: every token; ppo only",
+    )
     kl: KLConfig = Field(default_factory=KLConfig)
 
     @model_validator(mode="after")
     def _kind_fits(self) -> LossConfig:
         if self.dual_clip is not None and self.kind not in ("ppo", "ce_gppo"):
             raise ValueError(f"loss.dual_clip is defined for loss.kind ppo and ce_gppo, not {self.kind!r}")
+        if self.top_entropy_quantile < 1.0 and self.kind != "ppo":
+            raise ValueError(f"loss.top_entropy_quantile < 1 is defined for loss.kind ppo, not {self.kind!r}")
         return self
 
 
@@ -179,18 +188,32 @@ class OptimConfig(Section):
     max_skipped_steps: Int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
 
 
+#: the control kinds that hold a target entropy (control.target or control.target_ratio)
+TARGET_KINDS = ("clip_low", "clip", "token_weight", "cascade", "entropy_bonus", "adaptive_entropy")
+
+
 class ControlConfig(Section):
     """Entropy control (see entroclip.control)."""
 
-    kind: Literal["static", "clip_low", "clip", "entropy_bonus", "clip_cov", "kl_cov"] = Field(
+    kind: Literal[
+        "static",
+        "clip_low",
+        "clip",
+        "token_weight",
+        "cascade",
+        "entropy_bonus",
+        "adaptive_entropy",
+        "clip_cov",
+        "kl_cov",
+    ] = Field(
         "static",
         description="static: fixed bounds; clip_low: move eps_low to hold the entropy; clip: move eps_low "
-        "and eps_high along one schedule; entropy_bonus: adapt the entropy coefficient; clip_cov / kl_cov: "
-        "covariance-based token selection (Cui et al. 2025)",
+        "and eps_high along one schedule; token_weight: EntroPIC's weight on likely tokens; cascade: clip, "
+        "then token weights, then the bonus; entropy_bonus: adapt the entropy coefficient; "
+        "adaptive_entropy: TRL's rule for the coefficient; clip_cov / kl_cov: covariance-based token "
+        "selection (Cui et al. 2025)",
     )
-    target: Float | None = Field(
-        None, gt=0, description="entropy to hold, nats (clip_low, clip, entropy_bonus)"
-    )
+    target: Float | None = Field(None, gt=0, description="entropy to hold, nats (every kind with a target)")
     target_ratio: Float | None = Field(
         None, gt=0, description="entropy to hold as a fraction of the rollout entropy at step 1"
     )
@@ -204,10 +227,17 @@ class ControlConfig(Section):
     kp: Float = Field(
         1.0,
         ge=0,
-        description="clip_low, clip: proportional gain (eps_low, or the clip output, per unit relative "
-        "error)",
+        description="clip_low, clip, token_weight, cascade, entropy_bonus (coef_rule pi): proportional gain "
+        "(eps_low, or the controller's output, per unit relative error)",
     )
-    ki: Float = Field(0.1, ge=0, description="clip_low, clip: integral gain (per step)")
+    ki: Float = Field(0.1, ge=0, description="the same kinds: integral gain (per step)")
+    weight_max: Float = Field(
+        1.0, ge=0, le=10, description="token_weight, cascade: largest |alpha| of the token weights"
+    )
+    high_prob: Float = Field(
+        0.95, gt=0, lt=1, description="token_weight, cascade: tokens above this probability are weighted"
+    )
+    bonus: bool = Field(True, description="cascade: the entropy bonus is its last actuator")
     eps_high_min: Float = Field(
         0.05, ge=0, description="clip: eps_high at the output -1 (the tightest clip-high, lowering entropy)"
     )
@@ -216,13 +246,26 @@ class ControlConfig(Section):
         ge=0,
         description="clip: eps_high just below the output +1; at +1 clip-high is off (raising entropy)",
     )
-    coef_init: Float = Field(1e-3, gt=0, description="entropy_bonus: initial coefficient")
-    coef_min: Float = Field(
-        1e-5, gt=0, description="entropy_bonus: smallest coefficient (no windup below it while H > target)"
+    coef_rule: Literal["sac", "pi"] = Field(
+        "sac",
+        description="entropy_bonus: sac: integral on the log coefficient; pi: PI on the coefficient "
+        "(kp, ki; coef_max at output 1)",
     )
-    coef_max: Float = Field(0.1, gt=0, description="entropy_bonus: largest coefficient")
+    coef_init: Float = Field(1e-3, ge=0, description="entropy_bonus, adaptive_entropy: initial coefficient")
+    coef_min: Float = Field(
+        1e-5,
+        ge=0,
+        description="entropy_bonus, adaptive_entropy, cascade: smallest coefficient (> 0 for the sac rule "
+        "and the cascade)",
+    )
+    coef_max: Float = Field(
+        0.1, gt=0, description="entropy_bonus, adaptive_entropy, cascade: largest coefficient"
+    )
     coef_lr: Float = Field(
-        0.5, gt=0, description="entropy_bonus: log-coefficient step per unit relative error"
+        0.5, gt=0, description="entropy_bonus (sac): log-coefficient step per unit relative error"
+    )
+    coef_delta: Float = Field(
+        0.005, gt=0, description="adaptive_entropy: the coefficient's step (TRL's entropy_coef_delta)"
     )
     cov_fraction: Float | None = Field(
         None,
@@ -237,9 +280,7 @@ class ControlConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ControlConfig:
-        if self.kind in ("clip_low", "clip", "entropy_bonus") and (self.target is None) == (
-            self.target_ratio is None
-        ):
+        if self.kind in TARGET_KINDS and (self.target is None) == (self.target_ratio is None):
             raise ValueError(
                 f"control.kind={self.kind!r} needs exactly one of control.target, control.target_ratio"
             )
@@ -252,6 +293,12 @@ class ControlConfig(Section):
             raise ValueError(
                 f"control.eps_low_min ({self.eps_low_min}) must be <= "
                 f"control.eps_low_max ({self.eps_low_max})"
+            )
+        log_space = (self.kind == "entropy_bonus" and self.coef_rule == "sac") or self.kind == "cascade"
+        if log_space and self.coef_min <= 0:
+            raise ValueError(
+                f"control.coef_min must be > 0 for control.kind={self.kind!r} (a log-space coefficient), "
+                f"got {self.coef_min}"
             )
         if not self.coef_min <= self.coef_init <= self.coef_max:
             raise ValueError(
@@ -348,7 +395,8 @@ class Config(Section):
                 f"optim.minibatches (or optim.epochs) must be >= 2 for control.kind={self.control.kind!r}: "
                 "with one on-policy step per rollout the ratio stays 1 and the covariance rule cannot act"
             )
-        if self.loss.kind != "ppo" and self.control.kind in ("clip_cov", "kl_cov", "clip_low", "clip"):
+        clip_kinds = ("clip_cov", "kl_cov", "clip_low", "clip", "cascade")
+        if self.loss.kind != "ppo" and self.control.kind in clip_kinds:
             raise ValueError(
                 f"control.kind={self.control.kind!r} acts on PPO's token clip: it needs loss.kind=ppo, got "
                 f"{self.loss.kind!r}"

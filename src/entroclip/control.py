@@ -1,8 +1,10 @@
-"""Entropy control: per-step controllers (the clip-low controller, an adaptive entropy bonus).
+"""Entropy control: per-step controllers on the clip bounds, EntroPIC's token weights and the entropy
+bonus, alone or in a cascade, and TRL's adaptive entropy rule as a baseline.
 
 Controllers act once per RL step: they read the rollout entropy of the pre-update policy (nats) and
-return the clip bounds and entropy coefficient for that step's update. Clip-Cov and KL-Cov, which act
-inside every minibatch step, are in :mod:`entroclip.covariance`.
+return the clip bounds, entropy coefficient and token weight for that step's update. Clip-Cov and KL-Cov,
+which act inside every minibatch step, are in :mod:`entroclip.covariance`; the token-weight and
+high-entropy-mask terms of the loss in :mod:`entroclip.levers`.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from entroclip.config import ControlConfig, LossConfig
 
 @dataclass(frozen=True)
 class ControlAction:
-    """What the update of one step uses."""
+    """What the update of one step uses. ``token_weight``: EntroPIC's alpha (see
+    :func:`entroclip.levers.token_weight_term`; > 0 lowers entropy, < 0 raises it, 0 off)."""
 
     eps_low: float | None
     eps_high: float | None
     entropy_coef: float
+    token_weight: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         """``control/eps_low``, ``control/eps_high`` (each when on) and ``control/entropy_coef``."""
@@ -65,6 +69,44 @@ class EntropyTarget:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value, self.smoothed = state["value"], state["smoothed"]
+
+
+class PIOutput:
+    """A PI law with a bounded output: u = clamp(kp e + ki I, low, high), I the sum of past errors.
+
+    Anti-windup by clamping the integral: it stops where the output reaches the bound the error pushes
+    towards (it is never pulled back for the proportional term alone), so that the output saturates
+    exactly and leaves the bound as soon as the error turns.
+    """
+
+    def __init__(self, kp: float, ki: float, low: float, high: float) -> None:
+        self.kp, self.ki, self.low, self.high = kp, ki, low, high
+        self.integral = 0.0
+        self.output = 0.0
+
+    def step(self, error: float) -> float:
+        """Integrate ``error`` and return the new output."""
+        self.integral = self._integrate(error)
+        self.output = min(max(self.kp * error + self.ki * self.integral, self.low), self.high)
+        return self.output
+
+    def _integrate(self, error: float) -> float:
+        pushed = self.integral + error
+        if self.ki == 0.0:
+            return pushed
+        if error > 0:
+            return min(pushed, max(self.integral, (self.high - self.kp * error) / self.ki))
+        return max(pushed, min(self.integral, (self.low - self.kp * error) / self.ki))
+
+    @property
+    def saturated(self) -> bool:
+        return self.output <= self.low or self.output >= self.high
+
+    def state_dict(self) -> dict[str, float]:
+        return {"integral": self.integral, "output": self.output}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.integral, self.output = state["integral"], state["output"]
 
 
 class Controller(ABC):
@@ -148,21 +190,20 @@ class ClipController(Controller):
     """A PI controller whose one output u in [-1, 1] moves eps_low and eps_high together along one schedule
     (clipping first: it adds no gradient term).
 
-    With e = (target - H) / target and the integral I of past e, u = clamp(kp e + ki I, -1, 1): too little
-    entropy gives u > 0. The schedule is piecewise linear through three points:
+    With e = (target - H) / target, u = :class:`PIOutput` (kp, ki) of e: too little entropy gives u > 0.
+    The schedule is piecewise linear through three points:
     - u = -1: the loosest clip-low (``eps_low_max``) and the tightest clip-high (``eps_high_min``), which
       lower entropy;
     - u = 0: the config's bounds (``loss.eps_low``, ``loss.eps_high``);
     - u = +1: the tightest clip-low (``eps_low_min``) and clip-high off, which raise entropy; just below
       +1, eps_high is ``eps_high_max``.
-    Anti-windup by clamping the integral: it stops where the output reaches the bound the error pushes
-    towards, so that the output saturates exactly and leaves the bound as soon as the error turns.
     """
+
+    low_output, high_output = -1.0, 1.0
 
     def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
         super().__init__(loss)
         self.target = _target(control)
-        self.kp, self.ki = control.kp, control.ki
         self.low_range = (
             control.eps_low_min,
             loss.eps_low if loss.eps_low is not None else 0.2,
@@ -173,13 +214,13 @@ class ClipController(Controller):
             loss.eps_high if loss.eps_high is not None else 0.2,
             control.eps_high_max,
         )
-        self.integral = 0.0
-        self.output = 0.0
+        self.pi = PIOutput(control.kp, control.ki, self.low_output, self.high_output)
 
     def bounds(self, u: float) -> tuple[float, float | None]:
-        """(eps_low, eps_high) at output ``u`` in [-1, 1] (eps_high None: clip-high off, at u = 1)."""
+        """(eps_low, eps_high) at output ``u`` (eps_high None: clip-high off, from u = 1 on)."""
         low_min, low_ref, low_max = self.low_range
         high_min, high_ref, high_max = self.high_range
+        u = max(u, -1.0)
         if u >= 1.0:
             return low_min, None
         if u >= 0.0:
@@ -189,77 +230,215 @@ class ClipController(Controller):
     def act(self, step: int, entropy: float) -> ControlAction:
         self.target.observe(entropy)
         if not self.target.held(step):
-            self.output = 0.0
+            self.pi.output = 0.0
             return self.static
-        error = self.target.relative_error()
-        self.integral = self._integrate(error)
-        self.output = min(max(self.kp * error + self.ki * self.integral, -1.0), 1.0)
-        eps_low, eps_high = self.bounds(self.output)
-        return replace(self.static, eps_low=eps_low, eps_high=eps_high)
+        return self.action(self.pi.step(self.target.relative_error()))
 
-    def _integrate(self, error: float) -> float:
-        """The integral after adding ``error``, stopped where the output reaches the bound it is pushed
-        towards (it is never pulled back for the proportional term alone): the output saturates
-        exactly and leaves the bound as soon as the error turns."""
-        pushed = self.integral + error
-        if self.ki == 0.0:
-            return pushed
-        if error > 0:
-            return min(pushed, max(self.integral, (1.0 - self.kp * error) / self.ki))
-        return max(pushed, min(self.integral, (-1.0 - self.kp * error) / self.ki))
+    def action(self, u: float) -> ControlAction:
+        """The step's action at output ``u``."""
+        eps_low, eps_high = self.bounds(u)
+        return replace(self.static, eps_low=eps_low, eps_high=eps_high)
 
     def metrics(self) -> dict[str, float]:
         return {
             "control/target": float(self.target.value or 0.0),
-            "control/integral": self.integral,
-            "control/output": self.output,
-            "control/saturated": float(abs(self.output) >= 1.0),
+            "control/integral": self.pi.integral,
+            "control/output": self.pi.output,
+            "control/saturated": float(self.pi.saturated),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target.state_dict(), "integral": self.integral, "output": self.output}
+        return {"target": self.target.state_dict(), **self.pi.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.target.load_state_dict(state["target"])
-        self.integral, self.output = state["integral"], state["output"]
+        self.pi.load_state_dict(state)
 
 
-class EntropyBonusController(Controller):
-    """An entropy bonus whose coefficient adapts to hold the rollout entropy at a target.
+class TokenWeightController(Controller):
+    """EntroPIC's lever under a PI law: alpha = -``weight_max`` u, u = :class:`PIOutput` (kp, ki) of the
+    relative error in [-1, 1] (too little entropy: u > 0, alpha < 0, the likely tokens' push-up weakened
+    and their push-down strengthened). The clip bounds stay the config's.
 
-    The SAC temperature rule in log space: log c <- log c + lr * (target - H) / target, kept within
-    [log coef_min, log coef_max]. Too little entropy raises the bonus, too much lowers it; the bounds stop
-    windup, e.g. while the entropy is still above the target early in a run.
+    EntroPIC's own code updates alpha at every micro-batch from the training entropy's absolute error,
+    without anti-windup; here it acts once per step on the rollout entropy's relative error, as every
+    controller of this module does.
     """
 
     def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
         super().__init__(loss)
         self.target = _target(control)
+        self.weight_max = control.weight_max
+        self.pi = PIOutput(control.kp, control.ki, -1.0, 1.0)
+
+    def act(self, step: int, entropy: float) -> ControlAction:
+        self.target.observe(entropy)
+        if not self.target.held(step):
+            self.pi.output = 0.0
+            return self.static
+        u = self.pi.step(self.target.relative_error())
+        return replace(self.static, token_weight=-self.weight_max * u)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "control/target": float(self.target.value or 0.0),
+            "control/integral": self.pi.integral,
+            "control/output": self.pi.output,
+            "control/saturated": float(self.pi.saturated),
+            "control/token_weight": -self.weight_max * self.pi.output,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"target": self.target.state_dict(), **self.pi.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])
+        self.pi.load_state_dict(state)
+
+
+class CascadeController(ClipController):
+    """Clipping first, then the token weights, then the entropy bonus: one PI output u in [-2, 3] split
+    over the actuators in sequence (split-range control).
+
+    - u in [-1, 1]: the clip schedule of :class:`ClipController`, nothing else;
+    - u in (1, 2]: the clip at its entropy-raising end (``eps_low_min``, clip-high off) and
+      alpha = -(u - 1) ``weight_max``;
+    - u in (2, 3]: both at that end and the bonus ``coef_min (coef_max / coef_min) ** (u - 2)``
+      (``bonus: false`` stops the output at 2);
+    - u in [-2, -1): the clip at its entropy-lowering end and alpha = (-1 - u) ``weight_max``.
+    A saturated actuator hands over to the next as the integral keeps moving, and takes over again as the
+    output comes back into its range. ``control/active``: 0 clip, 1 token weights, 2 bonus.
+    """
+
+    low_output = -2.0
+
+    def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
+        self.high_output = 3.0 if control.bonus else 2.0
+        super().__init__(control, loss)
+        self.weight_max = control.weight_max
+        self.coef_range = (control.coef_min, control.coef_max)
+
+    def action(self, u: float) -> ControlAction:
+        eps_low, eps_high = self.bounds(u)
+        weight = -self.weight_max * (min(u, 2.0) - 1.0) if u > 1.0 else 0.0
+        if u < -1.0:
+            weight = self.weight_max * (-1.0 - u)
+        coef = self.static.entropy_coef
+        if u > 2.0:
+            low, high = self.coef_range
+            coef = low * (high / low) ** (u - 2.0)
+        return ControlAction(eps_low, eps_high, coef, weight)
+
+    def metrics(self) -> dict[str, float]:
+        u = self.pi.output
+        action = self.action(u)
+        active = 2.0 if u > 2.0 else 1.0 if abs(u) > 1.0 else 0.0
+        return super().metrics() | {
+            "control/active": active,
+            "control/token_weight": action.token_weight,
+            "control/coef": action.entropy_coef,
+        }
+
+
+class EntropyBonusController(Controller):
+    """An entropy bonus whose coefficient adapts to hold the rollout entropy at a target.
+
+    ``coef_rule: sac``: the SAC temperature rule in log space, log c <- log c + coef_lr e (e the relative
+    error), kept within [log coef_min, log coef_max]. Too little entropy raises the bonus, too much lowers
+    it; the bounds stop windup.
+
+    ``coef_rule: pi``: c = coef_max u, u = :class:`PIOutput` (kp, ki) of e in [0, 1]. Entropy responds to
+    the coefficient at a rate, so a pure integral on log c (the SAC rule) is an integral on an
+    integrating plant whose gain grows with c: it overshoots. The linear PI's proportional term damps
+    the loop, and a linear output is the log-space rule with its gain scheduled by 1 / c.
+    """
+
+    def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
+        super().__init__(loss)
+        self.target = _target(control)
+        self.rule = control.coef_rule
         self.lr = control.coef_lr
-        self.log_bounds = (math.log(control.coef_min), math.log(control.coef_max))
-        self.log_coef = math.log(control.coef_init)
+        self.coef_max = control.coef_max
+        sac = self.rule == "sac"  # the config ensures 0 < coef_min <= coef_init for it
+        self.log_bounds = (math.log(control.coef_min), math.log(control.coef_max)) if sac else (0.0, 0.0)
+        self.log_coef = math.log(control.coef_init) if sac else 0.0
+        self.pi = PIOutput(control.kp, control.ki, 0.0, 1.0)
 
     @property
     def coef(self) -> float:
-        return math.exp(self.log_coef)
+        return self.coef_max * self.pi.output if self.rule == "pi" else math.exp(self.log_coef)
 
     def act(self, step: int, entropy: float) -> ControlAction:
         self.target.observe(entropy)
         if not self.target.held(step):
             return self.static_action()
-        low, high = self.log_bounds
-        self.log_coef = min(max(self.log_coef + self.lr * self.target.relative_error(), low), high)
+        error = self.target.relative_error()
+        if self.rule == "pi":
+            self.pi.step(error)
+        else:
+            low, high = self.log_bounds
+            self.log_coef = min(max(self.log_coef + self.lr * error, low), high)
         return replace(self.static, entropy_coef=self.coef)
 
     def metrics(self) -> dict[str, float]:
         return {"control/target": float(self.target.value or 0.0), "control/coef": self.coef}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"target": self.target.state_dict(), "log_coef": self.log_coef}
+        return {"target": self.target.state_dict(), "log_coef": self.log_coef, **self.pi.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.target.load_state_dict(state["target"])
         self.log_coef = state["log_coef"]
+        self.pi.load_state_dict(state)
+
+
+class AdaptiveEntropyController(Controller):
+    """TRL's adaptive entropy rule (``GRPOConfig.use_adaptive_entropy``, after Skywork-OR1), once per RL step.
+
+    The coefficient moves by ``coef_delta`` up when the entropy is at or below the target and down
+    otherwise, within [coef_min, coef_max]; the bonus applied at a step is the coefficient before this
+    step's move, and only when the previous step's entropy was at or below the target (none at the first
+    step). TRL applies the same rule at every optimizer step to the training batch's entropy; with one
+    optimizer step per rollout the two are the same sequence.
+    """
+
+    def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
+        super().__init__(loss)
+        self.target = _target(control)
+        self.delta = control.coef_delta
+        self.bounds = (control.coef_min, control.coef_max)
+        self.coef = control.coef_init
+        self.last_entropy = math.inf
+        self.applied = 0.0
+
+    def act(self, step: int, entropy: float) -> ControlAction:
+        smoothed = self.target.observe(entropy)
+        if not self.target.held(step):
+            return self.static_action()
+        assert self.target.value is not None
+        self.applied = self.coef if self.last_entropy <= self.target.value else 0.0
+        low, high = self.bounds
+        if smoothed <= self.target.value:
+            self.coef = min(self.coef + self.delta, high)
+        else:
+            self.coef = max(self.coef - self.delta, low)
+        self.last_entropy = smoothed
+        return replace(self.static, entropy_coef=self.applied)
+
+    def metrics(self) -> dict[str, float]:
+        return {"control/target": float(self.target.value or 0.0), "control/coef": self.applied}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target.state_dict(),
+            "coef": self.coef,
+            "last_entropy": self.last_entropy,
+            "applied": self.applied,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.target.load_state_dict(state["target"])
+        self.coef, self.last_entropy, self.applied = state["coef"], state["last_entropy"], state["applied"]
 
 
 class KLCovController(StaticController):
@@ -279,8 +458,14 @@ def make_controller(control: ControlConfig, loss: LossConfig) -> Controller:
         return ClipLowController(control, loss)
     if control.kind == "clip":
         return ClipController(control, loss)
+    if control.kind == "token_weight":
+        return TokenWeightController(control, loss)
+    if control.kind == "cascade":
+        return CascadeController(control, loss)
     if control.kind == "entropy_bonus":
         return EntropyBonusController(control, loss)
+    if control.kind == "adaptive_entropy":
+        return AdaptiveEntropyController(control, loss)
     if control.kind == "kl_cov":
         return KLCovController(loss)
     return StaticController(loss)

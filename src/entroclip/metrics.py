@@ -10,6 +10,8 @@ CLIP_REGION = "clip_ratio/region_mean"
 CLIP_DUAL = "clip_ratio/dual_mean"
 #: fraction of the tokens that Clip-Cov / KL-Cov selected
 CLIP_COV = "clip_ratio/cov_mean"
+#: fraction of the tokens above control.high_prob, which EntroPIC's token weights act on
+LIKELY_TOKENS = "token_weight/likely_mean"
 #: the importance ratio over the update's tokens
 RATIO_MEAN = "ratio/mean"
 RATIO_MIN = "ratio/min"

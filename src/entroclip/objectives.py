@@ -225,12 +225,15 @@ def surrogate_terms(
     kl_kind: KLKind = "k3",
     detach: Tensor | None = None,
     token_penalty: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> tuple[SurrogateOutput, dict[str, Tensor]]:
     """The tensors of :func:`clipped_surrogate` without its checks of the bounds and without ``stats``
     (no host sync), and the extra statistics as tensors. The entropy bonus and the KL term are added
     whenever ``entropy`` / ``logp_ref`` are given. ``eps_low``, ``eps_high``, ``dual_clip`` and
     ``entropy_coef`` may be 0-d tensors, so that a compiled caller does not specialise on their values
-    (they change from step to step under a controller)."""
+    (they change from step to step under a controller). ``keep``: optional bool ``[B, T]``; the other
+    tokens count 0 in the policy loss (value and gradient; the aggregation's count is unchanged, as in
+    TRL's ``top_entropy_quantile``) and, when not clipped, are reported in ``out.detached``."""
     check_shapes(logp_new=logp_new, logp_old=logp_old, mask=mask)
     mask = mask.bool()
     adv = broadcast_advantages(advantages, mask).to(torch.float32)
@@ -257,6 +260,11 @@ def surrogate_terms(
         detached = detach.bool() & mask & ~clipped
         unclipped_value = torch.where(detached, unclipped_value.detach(), unclipped_value)
     per_token = torch.where(clipped, clipped_value, unclipped_value)
+    if keep is not None:
+        check_shapes(keep=keep, mask=mask)
+        dropped = mask & ~keep.bool()
+        per_token = torch.where(dropped, torch.zeros_like(per_token), per_token)
+        detached = detached | (dropped & ~clipped)
     if token_penalty is not None:
         check_shapes(token_penalty=token_penalty, mask=mask)
         per_token = per_token + torch.where(mask, token_penalty.float(), torch.zeros_like(adv))

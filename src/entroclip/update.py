@@ -23,8 +23,9 @@ from entroclip.control import ControlAction
 from entroclip.covariance import CovSettings, covariance_terms
 from entroclip.distributed import DistContext, global_loss_factor
 from entroclip.entropy import token_stats
+from entroclip.levers import high_entropy_mask, token_weight_effect, token_weight_term
 from entroclip.losses import LEDGER_KEYS, PolicyLossKind, ledger_terms
-from entroclip.objectives import Aggregation, KLKind, surrogate_terms, with_regularisers
+from entroclip.objectives import Aggregation, KLKind, importance_ratio, surrogate_terms, with_regularisers
 from entroclip.policy.sampling import Rollout, response_logits, response_logits_and_hidden
 from entroclip.value import clipped_value_loss
 
@@ -82,6 +83,8 @@ class RunSettings:
     value_clip: float
     cov: CovSettings | None
     policy_loss: PolicyLossKind | None
+    high_prob: float = 0.95
+    top_entropy_quantile: float = 1.0
 
     @classmethod
     def from_config(cls, config: Config) -> RunSettings:
@@ -109,6 +112,8 @@ class RunSettings:
                 config.loss.beta1,
                 config.loss.beta2,
             ),
+            high_prob=config.control.high_prob,
+            top_entropy_quantile=config.loss.top_entropy_quantile,
         )
 
 
@@ -129,9 +134,14 @@ STEP_STATS: dict[str, Reduction] = {
     "value_loss": "sum",
     **dict.fromkeys(EFFECT_KEYS, "sum"),
     "effect_rescale": "sum",
+    "effect_weight": "sum",
+    "likely": "sum",
 }
-#: statistics that only some losses report (the kinds of entroclip.losses): absent until a step adds them
-_OPTIONAL = {"effect_rescale"}
+#: statistics that only some steps report (the kinds of entroclip.losses; the token weights): absent until
+#: a step adds them
+_OPTIONAL = {"effect_rescale", "effect_weight", "likely"}
+#: the first-order entropy effects, each rank's share of a global aggregate
+_EFFECTS = (*EFFECT_KEYS, "effect_rescale", "effect_weight")
 _START = {"sum": 0.0, "min": math.inf, "max": -math.inf}
 _COMBINE: dict[Reduction, Callable[[float, float], float]] = {"sum": operator.add, "min": min, "max": max}
 
@@ -181,8 +191,11 @@ class UpdateStats:
             names.OPTIMIZER_STEPS: float(self.optimizer_steps),
         }
         out.update({names.entropy_metric(k): t[k] for k in EFFECT_KEYS if k in t})
-        if "effect_rescale" in t:
-            out[names.entropy_metric("effect_rescale")] = t["effect_rescale"]
+        for key in ("effect_rescale", "effect_weight"):
+            if key in t:
+                out[names.entropy_metric(key)] = t[key]
+        if "likely" in t:
+            out[names.LIKELY_TOKENS] = t["likely"] / n
         if t["cov_selected"]:
             out[names.CLIP_COV] = t["cov_selected"] / n
         if self.value_steps:
@@ -263,6 +276,7 @@ class ActionTensors(NamedTuple):
     eps_low: Tensor | None
     eps_high: Tensor | None
     entropy_coef: Tensor | None
+    token_weight: Tensor | None = None
 
     @classmethod
     def of(cls, action: ControlAction) -> ActionTensors:
@@ -270,10 +284,12 @@ class ActionTensors(NamedTuple):
             return torch.tensor(value, dtype=dtype) if value is not None else None
 
         coef = action.entropy_coef if action.entropy_coef != 0.0 else None
+        weight = action.token_weight if action.token_weight != 0.0 else None
         return cls(
             scalar(action.eps_low, torch.float64),
             scalar(action.eps_high, torch.float64),
             scalar(coef, torch.float32),
+            scalar(weight, torch.float32),
         )
 
 
@@ -320,8 +336,13 @@ def _loss_terms(
     """The policy loss (before the data-parallel factor), the value loss, and the step's ``STEP_STATS``
     as 0-d float32 tensors (the effects when kappa is given)."""
     if settings.policy_loss is not None:
-        return _kind_loss_terms(mb, terms, tensors, settings, settings.policy_loss)
+        loss, value_loss, step = _kind_loss_terms(mb, terms, tensors, settings, settings.policy_loss)
+        return _with_token_weight(loss, mb, terms, tensors, settings, step), value_loss, step
     mask = mb.rollout.response_mask
+    keep = None
+    if settings.top_entropy_quantile < 1.0:
+        assert terms.entropy is not None
+        keep = high_entropy_mask(terms.entropy, mask, settings.top_entropy_quantile)
     out, _ = surrogate_terms(
         terms.logp,
         mb.logp_old,
@@ -339,6 +360,7 @@ def _loss_terms(
         kl_kind=settings.kl_kind,
         detach=detach,
         token_penalty=penalty,
+        keep=keep,
     )
     with torch.no_grad():
         clipped = out.clip_low | out.clip_high | out.dual
@@ -349,7 +371,33 @@ def _loss_terms(
         if terms.kappa is not None:
             effects = attribution_terms(out, terms.kappa, mb.advantages, terms.logp, mb.logp_old, mask)
             step.update(zip(EFFECT_KEYS, effects, strict=True))
-    return out.loss, terms.value_loss, step
+    return _with_token_weight(out.loss, mb, terms, tensors, settings, step), terms.value_loss, step
+
+
+def _with_token_weight(
+    loss: Tensor,
+    mb: UpdateBatch,
+    terms: PolicyTerms,
+    tensors: ActionTensors,
+    settings: RunSettings,
+    step: dict[str, Tensor],
+) -> Tensor:
+    """``loss`` plus EntroPIC's token-weight term when the action has a weight (``entroclip.levers``);
+    adds the count of likely tokens and, with kappa, ``effect_weight`` to ``step``."""
+    if tensors.token_weight is None:
+        return loss
+    mask = mb.rollout.response_mask
+    term, likely, scale = token_weight_term(
+        terms.logp, mb.logp_old, mb.advantages, mask, settings.high_prob, settings.agg, settings.max_len
+    )
+    with torch.no_grad():
+        step["likely"] = likely.sum(dtype=torch.float32)
+        if terms.kappa is not None:
+            ratio = importance_ratio(terms.logp.detach(), mb.logp_old, mask)
+            step["effect_weight"] = token_weight_effect(
+                tensors.token_weight, mb.advantages, ratio, likely, scale, terms.kappa
+            )
+    return loss + tensors.token_weight * term
 
 
 def _kind_loss_terms(
@@ -419,8 +467,13 @@ def _step_terms(
 ) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
     """``_policy_terms`` and ``_loss_terms`` of a step without Clip-Cov / KL-Cov, as one function (one
     compiled graph)."""
-    terms = _policy_terms(model, value_head, mb, settings, tensors.entropy_coef is not None)
+    terms = _policy_terms(model, value_head, mb, settings, _needs_entropy(tensors, settings))
     return _loss_terms(mb, terms, tensors, settings, None, None, None)
+
+
+def _needs_entropy(tensors: ActionTensors, settings: RunSettings) -> bool:
+    """Whether the step needs the per-token entropy: for the bonus or the high-entropy mask."""
+    return tensors.entropy_coef is not None or settings.top_entropy_quantile < 1.0
 
 
 def _minibatch_step(
@@ -440,7 +493,7 @@ def _minibatch_step(
     if settings.cov is None:
         loss, value_loss, step = compiler.wrap(_step_terms)(model, value_head, mb, tensors, settings)
     else:
-        entropy = tensors.entropy_coef is not None
+        entropy = _needs_entropy(tensors, settings)
         terms = compiler.wrap(_policy_terms)(model, value_head, mb, settings, entropy)
         detach, penalty, selected = covariance_terms(
             settings.cov,
@@ -483,7 +536,7 @@ def _minibatch_step(
         del values["value_loss"]
     else:
         stats.value_steps += 1
-    for key in (*EFFECT_KEYS, "effect_rescale") if settings.attribution else ():
+    for key in _EFFECTS if settings.attribution else ():
         if key not in values:
             continue
         values[key] = values[key] * factor / ctx.world_size

@@ -210,18 +210,18 @@ def test_clip_controller_sign_and_anti_windup():
     saturated in the error's direction the integral does not grow, so it comes off the bound at once."""
     ctl = clip_controller(target=1.0, kp=1.0, ki=0.5)
     action = ctl.act(1, 0.8)  # 20% too low
-    assert ctl.output > 0 and action.eps_low < 0.2 and action.eps_high > 0.2
+    assert ctl.pi.output > 0 and action.eps_low < 0.2 and action.eps_high > 0.2
     for step in range(2, 30):
         ctl.act(step, 0.2)  # far too low: saturates at +1
-    assert ctl.output == 1.0 and ctl.metrics()["control/saturated"] == 1.0
-    held = ctl.integral
+    assert ctl.pi.output == 1.0 and ctl.metrics()["control/saturated"] == 1.0
+    held = ctl.pi.integral
     ctl.act(30, 0.2)
-    assert ctl.integral == held  # no windup while saturated
+    assert ctl.pi.integral == held  # no windup while saturated
     action = ctl.act(31, 1.5)  # far too high: leaves the bound at once
-    assert ctl.output < 1.0 and action.eps_high is not None
+    assert ctl.pi.output < 1.0 and action.eps_high is not None
     too_high = clip_controller(target=1.0)
     action = too_high.act(1, 1.3)
-    assert too_high.output < 0 and action.eps_low > 0.2 and action.eps_high < 0.2
+    assert too_high.pi.output < 0 and action.eps_low > 0.2 and action.eps_high < 0.2
 
 
 def test_clip_controller_state_round_trips():

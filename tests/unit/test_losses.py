@@ -13,12 +13,10 @@ Peers, at the versions pinned in pyproject.toml:
   verl/trainer/ppo/core_algos.py), its formula written out in float64 below. TRL and verl ship no CE-GPPO.
 """
 
-from collections import defaultdict
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
+from peers import TRLStandIn, trl_loss
 
 from entroclip import losses
 from entroclip.attribution import clip_attribution
@@ -126,44 +124,6 @@ def test_loss_and_gradient_equal_verls(gen, kind, agg, per_token):
 
 
 # ----- TRL 1.16 --------------------------------------------------------------------------------------------
-
-
-class TRLStandIn:
-    """What ``GRPOTrainer._compute_loss`` reads from the trainer, for one process in train mode with no
-    gradient accumulation, no KL term, no entropy mask or bonus, no vLLM; the model's log-probs are given."""
-
-    def __init__(self, loss_type, level, logp, epsilon=0.2, epsilon_high=0.2, tau_pos=1.0, tau_neg=1.05):
-        self.loss_type, self.importance_sampling_level = loss_type, level
-        self.epsilon_low, self.epsilon_high = epsilon, epsilon_high
-        self.beta, self.top_entropy_quantile, self.off_policy_mask_threshold = 0.0, 1.0, None
-        self.use_vllm, self.aux_loss_enabled, self._entropy_bonus_enabled = False, False, False
-        self.current_gradient_accumulation_steps = 1
-        self.model = SimpleNamespace(training=True)
-        self.args = SimpleNamespace(
-            delta=None, sapo_temperature_pos=tau_pos, sapo_temperature_neg=tau_neg, steps_per_generation=1
-        )
-        self.accelerator = SimpleNamespace(num_processes=1, gather=lambda t: t, reduce=lambda t, reduction: t)
-        self._metrics = {"train": defaultdict(list)}
-        self._logp = logp
-
-    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        return self._logp, torch.zeros_like(self._logp.detach()), None
-
-
-def trl_loss(stand_in, old, adv, mask):
-    from trl.trainer.grpo_trainer import GRPOTrainer
-
-    rows, length = mask.shape
-    inputs = {
-        "prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
-        "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
-        "completion_ids": torch.zeros(rows, length, dtype=torch.long),
-        "completion_mask": mask.float(),
-        "advantages": adv,
-        "old_per_token_logps": old,
-        "num_items_in_batch": mask.sum().float(),
-    }
-    return GRPOTrainer._compute_loss(stand_in, None, inputs)
 
 
 # kind -> (TRL's stand-in arguments after the log-probs, our arguments, the rows' lengths, the events that
