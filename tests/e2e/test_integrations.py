@@ -1,8 +1,10 @@
 """verl and TRL adapters: the same loss, metrics and controller inside the frameworks' trainers.
 
-The verl loss is checked against verl's own ``vanilla`` loss when ``verl.trainer.ppo.core_algos`` imports,
-and always against verl's documented vanilla formula with plain tensors. The TRL trainer is checked
-against ``GRPOTrainer._compute_loss`` and by a few CPU training steps of a tiny local model.
+The verl losses are checked against verl's own ``vanilla``, ``gspo``, ``cispo`` and ``sapo`` losses when
+``verl.trainer.ppo.core_algos`` imports, and always against verl's documented vanilla formula with plain
+tensors. The TRL trainer is checked against ``GRPOTrainer._compute_loss`` for every loss type it takes and
+by a few CPU training steps of a tiny local model. The kinds' metrics are checked against entroclip's own
+events and entropy ledger (:mod:`entroclip.losses`) on the same inputs.
 """
 
 import importlib.util
@@ -13,10 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from entroclip import losses
 from entroclip.config import ConfigError, ControlConfig
+from entroclip.entropy import entropy_sensitivity
 from entroclip.integrations import verl as ev
 from entroclip.integrations.common import npg_kappa, weighted_advantages
-from entroclip.objectives import clipped_surrogate
+from entroclip.objectives import AGGREGATIONS, clipped_surrogate
 
 VERL_MODES = [
     "token-mean",
@@ -25,15 +29,18 @@ VERL_MODES = [
     "seq-mean-token-mean",
     "seq-mean-token-sum-norm",
 ]
-ENTROCLIP_KEYS = {
+EVENT_KEYS = {
     "clip_ratio/low_mean",
     "clip_ratio/high_mean",
     "clip_ratio/region_mean",
     "clip_ratio/dual_mean",
     "ratio/mean",
-    "control/eps_low",
-    "control/eps_high",
 }
+ENTROCLIP_KEYS = EVENT_KEYS | {"control/eps_low", "control/eps_high"}
+#: the ledger terms entroclip's trainer logs for the kinds of entroclip.losses (effect_cov is PPO's only: 0)
+LEDGER_LOGGED = ("effect_low", "effect_high", "effect_dual", "effect_pos", "effect_neg", "effect_rescale")
+#: peers' float32 computations of the same formulas in another order of operations
+RTOL = 1e-6
 
 
 def verl_batch(gen, batch=6, length=7, scale=0.5):
@@ -53,6 +60,35 @@ def vanilla_reference(old, new, adv, mask, low, high, c, weights):
     clipped = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - low, 1 + high))
     per_token = torch.where(adv < 0, torch.minimum(-adv * c, clipped), clipped) * weights
     return (per_token * mask).sum() / mask.sum()
+
+
+def actor_config(global_info=False, **fields):
+    """verl's ActorConfig, built as verl's own tests build it; with ``global_info`` as on 2 ranks."""
+    from verl.workers.config import ActorConfig
+
+    config = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=2, **fields)
+    if global_info:
+        info = {"dp_size": 2, "batch_num_tokens": 60, "global_batch_size": 12, "loss_scale_factor": 10}
+        config.global_batch_info.update(info)
+    return config
+
+
+def assert_ledger_logged(metrics, out, kappa, prefix, rel=1e-5):
+    """The logged effects are entroclip's ledger of ``out`` (and effect_cov 0), the event fractions its
+    events' (over ``out``'s valid tokens)."""
+    ledger = losses.entropy_ledger(out, kappa)
+    for key in LEDGER_LOGGED:
+        assert metrics[prefix + key] == pytest.approx(ledger[key], rel=rel, abs=1e-9), key
+    assert metrics[prefix + "effect_cov"] == 0.0
+    valid = out.token_scale > 0
+    for key, event in (
+        ("clip_ratio/low_mean", out.clip_low),
+        ("clip_ratio/high_mean", out.clip_high),
+        ("clip_ratio/region_mean", out.clip_low | out.clip_high),
+        ("clip_ratio/dual_mean", out.dual),
+        ("ratio/mean", out.ratio),
+    ):
+        assert metrics[key] == pytest.approx(event[valid].float().mean().item(), rel=rel), key
 
 
 @pytest.fixture
@@ -173,6 +209,14 @@ def test_verl_settings_file_and_environment(tmp_path, monkeypatch, verl_settings
 
 def test_verl_module_registers_only_with_verl():
     assert (importlib.util.find_spec("verl") is not None) == ev.REGISTERED
+    assert set(ev.POLICY_LOSSES) == {ev.LOSS_NAME, "entroclip_gspo", "entroclip_cispo", "entroclip_sapo"}
+
+
+def test_verl_kind_losses_refuse_the_clip_low_controller(gen, verl_settings):
+    verl_settings(ev.VerlSettings(control=ControlConfig(kind="clip_low", target=6.0)))
+    old, new, adv, mask, _ = verl_batch(gen)
+    with pytest.raises(ValueError, match="control.kind='clip_low' .* needs loss_mode='entroclip'"):
+        ev.POLICY_LOSSES["entroclip_gspo"](old, new, adv, mask, "token-mean", {"clip_ratio": 0.2})
 
 
 # ----- verl: against verl's own loss ------------------------------------------------------------------------
@@ -182,20 +226,8 @@ def test_verl_module_registers_only_with_verl():
 @pytest.mark.parametrize("global_info", [False, True])
 def test_verl_loss_equals_verls_vanilla_loss(gen, mode, global_info):
     core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
-    from verl.workers.config import ActorConfig
-
     assert core_algos.get_policy_loss_fn(ev.LOSS_NAME) is ev.entroclip_policy_loss
-    config = ActorConfig(
-        strategy="fsdp",
-        rollout_n=1,
-        ppo_micro_batch_size_per_gpu=2,
-        clip_ratio_low=0.1,
-        clip_ratio_high=0.3,
-        clip_ratio_c=1.5,
-    )
-    if global_info:
-        info = {"dp_size": 2, "batch_num_tokens": 60, "global_batch_size": 12, "loss_scale_factor": 10}
-        config.global_batch_info.update(info)
+    config = actor_config(global_info, clip_ratio_low=0.1, clip_ratio_high=0.3, clip_ratio_c=1.5)
     old, new, adv, mask, weights = verl_batch(gen)
     theirs, their_metrics = core_algos.compute_policy_loss_vanilla(old, new, adv, mask, mode, config, weights)
     (their_grad,) = torch.autograd.grad(theirs, new)
@@ -210,7 +242,88 @@ def test_verl_loss_equals_verls_vanilla_loss(gen, mode, global_info):
     )
 
 
-def test_verl_worker_loss_dispatches_to_entroclip(gen):
+# entroclip's verl loss -> (verl's loss function, its ActorConfig fields, entroclip's loss with the same
+# parameters). The bounds are narrow enough that every event of the kind fires on a few tokens.
+VERL_KINDS = {
+    "entroclip_gspo": (
+        "compute_policy_loss_gspo",
+        {"clip_ratio_low": 0.05, "clip_ratio_high": 0.08},
+        losses.gspo_loss,
+        {"eps_low": 0.05, "eps_high": 0.08},
+    ),
+    "entroclip_cispo": (
+        "compute_policy_loss_cispo",
+        {"clip_ratio_low": 0.2, "clip_ratio_high": 0.28},
+        losses.cispo_loss,
+        {"eps_low": 0.2, "eps_high": 0.28},
+    ),
+    "entroclip_sapo": (
+        "compute_policy_loss_sapo",
+        {"tau_pos": 4.0, "tau_neg": 6.0},
+        losses.sapo_loss,
+        {"tau_pos": 4.0, "tau_neg": 6.0},
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", VERL_MODES)
+@pytest.mark.parametrize("global_info", [False, True])
+@pytest.mark.parametrize("name", list(VERL_KINDS))
+def test_verl_kind_losses_equal_verls(gen, name, mode, global_info):
+    """Loss, gradient and verl's metrics as verl's own loss of the same name; the events and the ledger as
+    entroclip's kind, where the call is the whole batch in one of entroclip's aggregations (verl's sapo
+    always aggregates seq-mean-token-mean)."""
+    core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
+    verl_name, fields, loss, kwargs = VERL_KINDS[name]
+    old, new, adv, mask, weights = verl_batch(gen, batch=12, length=9)
+    args = {
+        "old_log_prob": old,
+        "log_prob": new,
+        "advantages": adv,
+        "response_mask": mask,
+        "loss_agg_mode": mode,
+        "config": actor_config(global_info, **fields),
+        "rollout_is_weights": weights,
+    }
+    theirs, their_metrics = getattr(core_algos, verl_name)(**args)
+    (their_grad,) = torch.autograd.grad(theirs, new)
+    ours, metrics = core_algos.get_policy_loss_fn(name)(**args)
+    (our_grad,) = torch.autograd.grad(ours, new)
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=0.0)
+    torch.testing.assert_close(our_grad, their_grad, rtol=RTOL, atol=1e-12)
+    for key, value in their_metrics.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
+    assert {"entropy/npg_" + key for key in LEDGER_LOGGED} | EVENT_KEYS <= set(metrics)
+    assert metrics["clip_ratio/low_mean"] > 0 and metrics["clip_ratio/high_mean"] > 0
+    if name == "entroclip_sapo":  # no bounds in force
+        assert "control/eps_low" not in metrics and "control/eps_high" not in metrics
+    else:
+        assert (metrics["control/eps_low"], metrics["control/eps_high"]) == (
+            kwargs["eps_low"],
+            kwargs["eps_high"],
+        )
+    agg = "seq-mean-token-mean" if name == "entroclip_sapo" else mode
+    if global_info or agg not in AGGREGATIONS:
+        return
+    kappa = npg_kappa(new, mask)
+    out = loss(
+        new, old, weighted_advantages(adv, mask, weights), mask, **kwargs, agg=agg, max_len=mask.shape[-1]
+    )
+    assert_ledger_logged(metrics, out, kappa, "entropy/npg_")
+    assert (metrics["entropy/npg_effect_rescale"] != 0.0) == (name != "entroclip_cispo")
+    # the effects of the tokens without an event, from verl's own gradient: w = -d loss / d logp
+    rest = mask & ~(out.clip_low | out.clip_high)
+    taken = (-their_grad * kappa)[rest].sum().item()
+    assert metrics["entropy/npg_effect_pos"] + metrics["entropy/npg_effect_neg"] == pytest.approx(
+        taken, rel=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("verl_mode", "loss_mode"),
+    [("vanilla", ev.LOSS_NAME), *[(name.removeprefix("entroclip_"), name) for name in VERL_KINDS]],
+)
+def test_verl_worker_loss_dispatches_to_entroclip(gen, verl_mode, loss_mode):
     """verl's engine-level ppo_loss picks the loss by policy_loss.loss_mode and aggregates its metrics."""
     pytest.importorskip("verl.trainer.ppo.core_algos")
     from tensordict import TensorDict
@@ -236,8 +349,8 @@ def test_verl_worker_loss_dispatches_to_entroclip(gen):
     data = TensorDict(fields, batch_size=[batch])
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=batch)
     results = {}
-    for loss_mode in ("vanilla", ev.LOSS_NAME):
-        policy_loss = PolicyLossConfig(loss_mode=loss_mode)
+    for mode in (verl_mode, loss_mode):
+        policy_loss = PolicyLossConfig(loss_mode=mode)
         config = ActorConfig(
             strategy="fsdp",
             rollout_n=1,
@@ -247,11 +360,12 @@ def test_verl_worker_loss_dispatches_to_entroclip(gen):
         )
         loss, metrics = ppo_loss(config, {"log_probs": full.flatten()}, data)
         (grad,) = torch.autograd.grad(loss, full)
-        results[loss_mode] = loss, grad, {key: metric.aggregate() for key, metric in metrics.items()}
+        results[mode] = loss, grad, {key: metric.aggregate() for key, metric in metrics.items()}
     (theirs, their_grad, their_metrics), (ours, our_grad, our_metrics) = results.values()
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(our_grad, their_grad)
-    assert set(our_metrics) >= ENTROCLIP_KEYS
+    assert set(our_metrics) >= (EVENT_KEYS if verl_mode == "sapo" else ENTROCLIP_KEYS)
+    assert ("entropy/npg_effect_rescale" in our_metrics) == (verl_mode != "vanilla")
     for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower", "actor/pg_loss"):
         assert our_metrics[key] == pytest.approx(their_metrics[key], abs=1e-6), key
 
@@ -339,10 +453,53 @@ def test_trl_trainer_trains_and_logs_entroclip_metrics(tiny_model_path, tmp_path
     assert resumed.entroclip_controller.state_dict() == trainer.entroclip_controller.state_dict()
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_trl_loss_equals_grpo_trainers_loss(tiny_model_path, tmp_path, loss_type):
+def trl_batch(trainer):
+    """A generation batch of 8 completions for a trainer in train mode with 2 accumulation steps: old and
+    reference log-probs moved off the policy (ratios leave 1) and one row without completion tokens (as
+    ``mask_truncated_completions`` leaves a truncated one; TRL's grpo, dr_grpo and sapo count it). The
+    comparisons run in float32 (``bf16=False``): bf16 autocast would round the gradients' differences away."""
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 2
+    batch = trainer._generate_and_score_completions([prompts()[i] for i in range(2)] * 4)
+    noise = torch.Generator().manual_seed(1)
+    shape = batch["completion_ids"].shape
+    batch["old_per_token_logps"] = batch["ref_per_token_logps"] + 0.3 * torch.randn(shape, generator=noise)
+    batch["ref_per_token_logps"] = batch["ref_per_token_logps"] + 0.1 * torch.randn(shape, generator=noise)
+    batch["completion_mask"][0] = 0
+    return batch
+
+
+def trl_and_entroclip_losses(trainer, batch):
+    """(loss, flat parameter gradient, last logged metrics) of ``GRPOTrainer._compute_loss`` and of the
+    trainer's own on ``batch``, in that order."""
     from trl import GRPOTrainer
 
+    results = []
+    for compute_loss in (GRPOTrainer._compute_loss, type(trainer)._compute_loss):
+        trainer.model.zero_grad()
+        loss = compute_loss(trainer, trainer.model, batch)
+        loss.backward()
+        grad = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+        results.append((loss.detach(), grad, logged))
+    assert results[0][1].abs().max() > 0
+    return results
+
+
+def assert_losses_close(ours, theirs, batch):
+    """Within RTOL of the peer's loss, relative to the size of its terms: GRPO's advantages sum to 0 over a
+    group, so the loss is a difference of per-token terms of size |A| (float32 rounding of those shows)."""
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=RTOL * batch["advantages"].abs().mean().item())
+
+
+def assert_gradients_close(ours, theirs):
+    """Elementwise within RTOL of the peer's, and of its largest element for those near 0 (a sum of
+    ~100 float32 terms that cancel)."""
+    torch.testing.assert_close(ours, theirs, rtol=RTOL, atol=RTOL * theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_trl_loss_equals_grpo_trainers_loss(tiny_model_path, tmp_path, loss_type):
     trainer = trl_trainer(
         tiny_model_path,
         tmp_path,
@@ -352,35 +509,151 @@ def test_trl_loss_equals_grpo_trainers_loss(tiny_model_path, tmp_path, loss_type
         entropy_coef=0.01,
         epsilon_high=0.3,
         gradient_accumulation_steps=2,
+        bf16=False,
     )
-    model = trainer.model
-    model.train()
-    trainer.current_gradient_accumulation_steps = 2
-    batch = trainer._generate_and_score_completions([prompts()[i] for i in range(2)] * 4)
-    noise = torch.Generator().manual_seed(1)
-    shape = batch["completion_ids"].shape
-    batch["old_per_token_logps"] = batch["ref_per_token_logps"] + 0.3 * torch.randn(shape, generator=noise)
-    batch["ref_per_token_logps"] = batch["ref_per_token_logps"] + 0.1 * torch.randn(shape, generator=noise)
-    results = []
-    for compute_loss in (GRPOTrainer._compute_loss, type(trainer)._compute_loss):
-        model.zero_grad()
-        loss = compute_loss(trainer, model, batch)
-        loss.backward()
-        grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-        results.append((loss.detach(), grad, logged))
-    (theirs, their_grad, their_logs), (ours, our_grad, our_logs) = results
-    torch.testing.assert_close(ours, theirs)
-    assert their_grad.abs().max() > 0
-    torch.testing.assert_close(our_grad, their_grad)
+    batch = trl_batch(trainer)
+    (theirs, their_grad, their_logs), (ours, our_grad, our_logs) = trl_and_entroclip_losses(trainer, batch)
+    assert_losses_close(ours, theirs, batch)
+    assert_gradients_close(our_grad, their_grad)
     for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy", "kl"):
         assert our_logs[key] == pytest.approx(their_logs[key], rel=1e-5), key
     assert their_logs["clip_ratio/low_mean"] > 0 and their_logs["clip_ratio/high_mean"] > 0
     assert "entropy/npg_effect_low" in our_logs
 
 
+# TRL's options -> (entroclip's loss and its arguments, the events the data must produce). GSPO is TRL's
+# sequence level of each PPO-clip loss type; TRL's cispo has no lower bound and caps the ratio itself at
+# epsilon_high.
+GSPO_BOUNDS = {"epsilon": 0.05, "epsilon_high": 0.08}
+TRL_KINDS = {
+    "gspo-grpo": (
+        {"loss_type": "grpo", "importance_sampling_level": "sequence", "use_bias_correction_kl": True},
+        losses.gspo_loss,
+        {"eps_low": 0.05, "eps_high": 0.08, "agg": "seq-mean-token-mean"},
+        "low high",
+    ),
+    "gspo-bnpo": (
+        {"loss_type": "bnpo", "importance_sampling_level": "sequence"},
+        losses.gspo_loss,
+        {"eps_low": 0.05, "eps_high": 0.08, "agg": "token-mean"},
+        "low high",
+    ),
+    "gspo-dr_grpo": (
+        {"loss_type": "dr_grpo", "importance_sampling_level": "sequence"},
+        losses.gspo_loss,
+        {"eps_low": 0.05, "eps_high": 0.08, "agg": "seq-mean-token-sum-norm", "max_len": 8},
+        "low high",
+    ),
+    "gspo-dapo": (
+        {"loss_type": "dapo", "importance_sampling_level": "sequence"},
+        losses.gspo_loss,
+        {"eps_low": 0.05, "eps_high": 0.08, "agg": "token-mean"},
+        "low high",
+    ),
+    "cispo": (
+        {"loss_type": "cispo", "epsilon_high": 1.2, "use_bias_correction_kl": True},
+        losses.cispo_loss,
+        {"eps_low": None, "eps_high": 1.2 - 1.0, "agg": "token-mean"},
+        "high",
+    ),
+    "sapo": (
+        {"loss_type": "sapo", "sapo_temperature_pos": 8.0, "sapo_temperature_neg": 6.0},
+        losses.sapo_loss,
+        {"tau_pos": 8.0, "tau_neg": 6.0},
+        "low high",
+    ),
+}
+
+
+@torch.no_grad()
+def policy_terms(trainer, batch):
+    """(TRL's log-probs of the completion tokens, their logit-space kappa, the loss mask), ``[B, T]``."""
+    completion_ids = batch["completion_ids"]
+    ids = torch.cat([batch["prompt_ids"], completion_ids], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    length = completion_ids.shape[1]
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, attention, length)
+    logits = trainer.model(input_ids=ids, attention_mask=attention).logits[:, -length - 1 : -1]
+    _, kappa = entropy_sensitivity(logits, completion_ids, temperature=trainer.temperature)
+    return logps, kappa, batch["completion_mask"].bool()
+
+
+@pytest.mark.parametrize("case", list(TRL_KINDS))
+def test_trl_kind_losses_equal_grpo_trainers_loss(tiny_model_path, tmp_path, case):
+    """Loss and gradient as TRL's for the options; the logged events and ledger as entroclip's kind on the
+    same log-probs, advantages and kappa."""
+    options, loss, kwargs, events = TRL_KINDS[case]
+    trainer = trl_trainer(
+        tiny_model_path,
+        tmp_path,
+        beta=0.04,
+        entropy_coef=0.01,
+        gradient_accumulation_steps=2,
+        bf16=False,
+        **{**GSPO_BOUNDS, **options},
+    )
+    batch = trl_batch(trainer)
+    (theirs, their_grad, their_logs), (ours, our_grad, our_logs) = trl_and_entroclip_losses(trainer, batch)
+    assert_losses_close(ours, theirs, batch)
+    assert_gradients_close(our_grad, their_grad)
+    for key in ("entropy", "kl"):
+        assert our_logs[key] == pytest.approx(their_logs[key], rel=1e-5), key
+    logps, kappa, mask = policy_terms(trainer, batch)
+    out = loss(logps, batch["old_per_token_logps"], batch["advantages"], mask, **kwargs)
+    assert_ledger_logged(our_logs, out, kappa, "entropy/")
+    for event in events.split():
+        assert our_logs[f"clip_ratio/{event}_mean"] > 0, event
+    assert (our_logs["entropy/effect_rescale"] != 0.0) == (case != "cispo")
+    for key in ("eps_low", "eps_high"):  # the bounds in force, in entroclip's meaning; SAPO has none
+        assert our_logs.get(f"control/{key}") == kwargs.get(key), key
+
+
+def test_trl_kind_trains_and_logs_its_ledger(tiny_model_path, tmp_path):
+    trainer = trl_trainer(
+        tiny_model_path,
+        tmp_path,
+        control=ControlConfig(kind="entropy_bonus", target=3.0),
+        max_steps=2,
+        loss_type="sapo",
+        sapo_temperature_pos=4.0,
+        sapo_temperature_neg=6.0,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "clip_ratio/low_mean" in entry]
+    assert len(logs) == 2
+    ledger = {"entropy/" + key for key in (*LEDGER_LOGGED, "effect_cov")}
+    assert EVENT_KEYS | ledger | {"loss/pg", "control/target", "entropy/rollout"} <= set(logs[0])
+    assert not {"control/eps_low", "control/eps_high"} & set(logs[0])
+    assert any(entry["entropy/effect_rescale"] != 0 for entry in logs)
+
+
 def test_trl_trainer_rejects_what_it_does_not_reproduce(tiny_model_path, tmp_path):
-    with pytest.raises(ValueError, match="loss_type='cispo'"):
-        trl_trainer(tiny_model_path, tmp_path, loss_type="cispo")
-    with pytest.raises(ValueError, match="control.kind='kl_cov'"):
-        trl_trainer(tiny_model_path, tmp_path, control=ControlConfig(kind="kl_cov"))
+    refused = [
+        (
+            {"loss_type": "vespo"},
+            None,
+            "loss_type='vespo' (use one of ['bnpo', 'cispo', 'dapo', 'dr_grpo', 'grpo', 'sapo'])",
+        ),
+        (
+            {"loss_type": "sapo", "importance_sampling_level": "sequence"},
+            None,
+            "importance_sampling_level='sequence' with loss_type='sapo' (GSPO: use one of ('grpo', 'bnpo', "
+            "'dr_grpo', 'dapo'))",
+        ),
+        (
+            {"loss_type": "cispo"},
+            None,
+            "loss_type='cispo' with epsilon_high=0.1 (the cap on the ratio: use >= 1)",
+        ),
+        (
+            {"importance_sampling_level": "sequence"},
+            ControlConfig(kind="clip_low", target=3.0),
+            "control.kind='clip_low' with loss_type='dapo', importance_sampling_level='sequence' (use static "
+            "or entropy_bonus)",
+        ),
+        ({}, ControlConfig(kind="kl_cov"), "control.kind='kl_cov'"),
+    ]
+    for options, control, message in refused:
+        with pytest.raises(ValueError) as error:
+            trl_trainer(tiny_model_path, tmp_path, control=control, **options)
+        assert "\n" not in str(error.value) and message in str(error.value), options

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
 from entroclip import metrics as names
-from entroclip.attribution import clip_attribution
+from entroclip.attribution import EFFECT_KEYS, clip_attribution
+from entroclip.losses import PolicyLoss, entropy_ledger
 from entroclip.objectives import SurrogateOutput, broadcast_advantages
 
-#: the :attr:`SurrogateOutput.stats` entries an adapter reports (means over the call's response tokens)
+#: the event fractions and the mean ratio an adapter reports (means over the call's response tokens), in the
+#: order of :func:`token_sums`
 SURROGATE_KEYS = (
     names.CLIP_LOW,
     names.CLIP_HIGH,
@@ -24,13 +26,31 @@ SURROGATE_KEYS = (
 Attribution = Literal["exact", "npg", "off"]
 
 
+class LossEvents(Protocol):
+    """The events and the ratio of one loss call, bool / float ``[B, T]``: what :class:`SurrogateOutput`
+    (``loss.kind`` ppo) and :class:`~entroclip.losses.PolicyLoss` (the other kinds) have in common."""
+
+    @property
+    def clip_low(self) -> Tensor: ...
+
+    @property
+    def clip_high(self) -> Tensor: ...
+
+    @property
+    def dual(self) -> Tensor: ...
+
+    @property
+    def ratio(self) -> Tensor: ...
+
+
 def weighted_advantages(advantages: Tensor, mask: Tensor, weights: Tensor | None = None) -> Tensor:
     """Per-token advantages ``[B, T]`` times non-negative weights ``[B, T]`` (per token) or ``[B, 1]``.
 
-    For w > 0, the clipped surrogate of ``w * A`` is ``w`` times that of ``A`` with the same clip events, so
-    this is how importance weights that multiply the per-token loss (verl's rollout correction, TRL's vLLM
-    correction) enter :func:`entroclip.objectives.clipped_surrogate`. A token of weight 0 has no loss and no
-    clip event.
+    For w > 0, the clipped surrogate of ``w * A`` is ``w`` times that of ``A`` with the same clip events
+    (and so is each loss of :mod:`entroclip.losses`, whose events and SAPO's gate depend on the sign of A
+    only), so this is how importance weights that multiply the per-token loss (verl's rollout correction,
+    TRL's vLLM correction) enter :func:`entroclip.objectives.clipped_surrogate` and the other kinds. A token
+    of weight 0 has no loss and no sign-gated event.
     """
     adv = broadcast_advantages(advantages, mask).float()
     if weights is None:
@@ -56,13 +76,26 @@ def npg_kappa(logp: Tensor, mask: Tensor, entropy: Tensor | None = None) -> Tens
     return torch.where(valid, -(lp + h), torch.zeros_like(lp))
 
 
-def surrogate_metrics(out: SurrogateOutput) -> dict[str, float]:
-    """The sign-gated clip fractions and the mean ratio of one loss call, under entroclip's names."""
-    return {key: out.stats[key] for key in SURROGATE_KEYS}
+def token_sums(out: LossEvents, mask: Tensor, *values: Tensor) -> Tensor:
+    """Sums over the valid tokens of ``mask`` ``[B, T]`` of the per-token quantities of ``SURROGATE_KEYS``
+    (the events, their union, the ratio) and of ``values`` ``[B, T]``, then the valid tokens' count:
+    float32 ``[len(SURROGATE_KEYS) + len(values) + 1]``, so that one reduction over ranks gives
+    token-weighted means."""
+    valid = mask.bool()
+    per_token = (out.clip_low, out.clip_high, out.clip_low | out.clip_high, out.dual, out.ratio, *values)
+    sums = [torch.where(valid, value.detach().float(), 0.0).sum() for value in per_token]
+    return torch.stack([*sums, valid.sum().float()])
+
+
+def event_metrics(out: LossEvents, mask: Tensor) -> dict[str, float]:
+    """``SURROGATE_KEYS`` of one loss call, means over its valid tokens: PPO's sign-gated clip fractions,
+    or another kind's events (:mod:`entroclip.losses`), and the mean ratio the kind bounds or gates."""
+    *sums, count = token_sums(out, mask).tolist()
+    return {key: total / max(count, 1.0) for key, total in zip(SURROGATE_KEYS, sums, strict=True)}
 
 
 def attribution_metrics(
-    out: SurrogateOutput,
+    out: SurrogateOutput | PolicyLoss,
     kappa: Tensor,
     advantages: Tensor,
     logp_new: Tensor,
@@ -70,6 +103,13 @@ def attribution_metrics(
     mask: Tensor,
     prefix: str = "entropy/",
 ) -> dict[str, float]:
-    """:func:`entroclip.entropy.clip_attribution` of one loss call, keys ``prefix + effect_*``."""
-    effects = clip_attribution(out, kappa, advantages, logp_new, logp_old, mask)
+    """The first-order entropy effects of one loss call, keys ``prefix + effect_*``, as entroclip's trainer
+    reports them: :func:`entroclip.entropy.clip_attribution` for PPO; for the other kinds the ledger of
+    :func:`entroclip.losses.entropy_ledger` (``out`` holds its own advantages and ratios), its
+    ``effect_cov`` 0 and ``effect_rescale`` besides."""
+    if isinstance(out, PolicyLoss):
+        ledger = entropy_ledger(out, kappa)
+        effects = {key: ledger.get(key, 0.0) for key in (*EFFECT_KEYS, "effect_rescale")}
+    else:
+        effects = clip_attribution(out, kappa, advantages, logp_new, logp_old, mask)
     return {prefix + key: value for key, value in effects.items()}

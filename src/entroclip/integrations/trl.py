@@ -1,23 +1,35 @@
-"""TRL adapter: a ``GRPOTrainer`` whose loss is entroclip's clipped surrogate, with entroclip's metrics and
-entropy controller.
+"""TRL adapter: a ``GRPOTrainer`` whose loss is entroclip's, with entroclip's metrics and entropy controller.
 
 :class:`EntroclipGRPOTrainer` takes TRL's arguments unchanged plus ``control`` (an entroclip
-:class:`~entroclip.config.ControlConfig`) and ``attribution``. The loss is
-:func:`entroclip.objectives.clipped_surrogate` with ``eps_low = args.epsilon`` and
-``eps_high = args.epsilon_high``, normalised as TRL's ``loss_type`` (grpo, bnpo, dr_grpo, dapo), with TRL's
-KL term (``beta``, k3, ``use_bias_correction_kl``), entropy bonus (``entropy_coef``) and vLLM importance
-weights. It logs, besides TRL's own metrics:
+:class:`~entroclip.config.ControlConfig`) and ``attribution``. The loss is entroclip's ``loss.kind`` for
+TRL's ``loss_type`` and ``importance_sampling_level`` (:func:`trl_loss_kind`), normalised as TRL does, with
+TRL's KL term (``beta``, k3, ``use_bias_correction_kl``), entropy bonus (``entropy_coef``) and vLLM
+importance weights:
+
+- grpo, bnpo, dr_grpo, dapo at the token level: ``ppo``, :func:`entroclip.objectives.clipped_surrogate`
+  with ``eps_low = args.epsilon``, ``eps_high = args.epsilon_high``;
+- the same at ``importance_sampling_level="sequence"``: ``gspo`` (:func:`entroclip.losses.gspo_loss`),
+  the same bounds on the sequence ratio;
+- cispo: ``cispo`` (:func:`entroclip.losses.cispo_loss`), no lower bound and ``eps_high =
+  args.epsilon_high - 1`` (TRL's ``epsilon_high`` caps the ratio itself);
+- sapo: ``sapo`` (:func:`entroclip.losses.sapo_loss`), ``tau_pos / tau_neg =
+  args.sapo_temperature_pos / args.sapo_temperature_neg``.
+
+It logs, besides TRL's own metrics:
 
 - ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``clip_ratio/dual_mean``,
-  ``ratio/mean``: sign-gated fractions over the micro-batch's completion tokens, token-weighted over ranks;
+  ``ratio/mean``: the kind's event fractions over the micro-batch's completion tokens, token-weighted over
+  ranks (PPO's and GSPO's are sign-gated; a GSPO event counts on every token of its sequence);
 - ``entropy/effect_low``, ``entropy/effect_high``, ``entropy/effect_pos``, ``entropy/effect_neg``, ...:
-  :func:`entroclip.entropy.clip_attribution` per micro-batch (mean over micro-batches and ranks: an
-  optimizer step's effect per unit learning rate). ``attribution="exact"`` uses the logit-space kappa and
-  costs one extra forward without gradient per micro-batch; ``"npg"`` uses the natural-gradient kappa
-  ``-(log pi_a + H)`` (keys ``entropy/npg_effect_*``), free; ``"off"`` skips it;
-- ``control/eps_low``, ``control/eps_high``, and with a controller ``entropy/rollout`` (exact entropy of
-  the policy that sampled the generation batch, over its completion tokens) and the controller's
-  ``control/*``. The controller acts once per generation batch, before its first update.
+  :func:`entroclip.entropy.clip_attribution` per micro-batch, for the other kinds their ledger
+  (:func:`entroclip.losses.entropy_ledger`, with ``entropy/effect_rescale``), mean over micro-batches and
+  ranks: an optimizer step's effect per unit learning rate. ``attribution="exact"`` uses the logit-space
+  kappa and costs one extra forward without gradient per micro-batch; ``"npg"`` uses the natural-gradient
+  kappa ``-(log pi_a + H)`` (keys ``entropy/npg_effect_*``), free; ``"off"`` skips it;
+- ``control/eps_low``, ``control/eps_high`` (the bounds in force as entroclip's eps; sapo has none), and
+  with a controller ``entropy/rollout`` (exact entropy of the policy that sampled the generation batch,
+  over its completion tokens) and the controller's ``control/*``. The controller acts once per generation
+  batch, before its first update.
 """
 
 from __future__ import annotations
@@ -37,11 +49,15 @@ from entroclip.config import ControlConfig, LossConfig
 from entroclip.control import ControlAction, make_controller
 from entroclip.entropy import entropy_sensitivity
 from entroclip.integrations.common import (
+    SURROGATE_KEYS,
     Attribution,
+    LossEvents,
     attribution_metrics,
     npg_kappa,
+    token_sums,
     weighted_advantages,
 )
+from entroclip.losses import PolicyLoss, PolicyLossKind
 from entroclip.objectives import (
     LOG_RATIO_LIMIT,
     Aggregation,
@@ -51,13 +67,23 @@ from entroclip.objectives import (
     kl_penalty,
 )
 
-#: TRL ``loss_type`` -> entroclip aggregation (dapo's global normaliser is applied on top, as TRL does)
+#: TRL ``loss_type`` -> entroclip aggregation (the global normaliser of ``TRL_GLOBAL_TYPES`` and the row
+#: count of ``TRL_ROW_TYPES`` are applied on top, as TRL does)
 TRL_AGGREGATIONS: dict[str, Aggregation] = {
     "grpo": "seq-mean-token-mean",
     "bnpo": "token-mean",
     "dapo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
+    "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
 }
+#: loss types with PPO's clip: entroclip's ppo at TRL's token level, gspo at its sequence level
+TRL_CLIP_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+#: loss types that TRL divides by the generation batch's token count (``num_items_in_batch``)
+TRL_GLOBAL_TYPES = ("dapo", "cispo")
+#: loss types that TRL averages over all rows, empty ones included (entroclip: over the non-empty rows)
+TRL_ROW_TYPES = ("grpo", "dr_grpo", "sapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 #: model inputs besides the token ids that TRL's generation batch may carry (multimodal models)
 FORWARD_KEYS = (
     "pixel_values",
@@ -92,9 +118,9 @@ class EntroclipGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         control = control or ControlConfig()
         _check_supported(self, control, attribution)
-        loss = LossConfig(
-            eps_low=self.epsilon_low, eps_high=self.epsilon_high, entropy_coef=float(self.entropy_coef)
-        )
+        self.entroclip_kind = trl_loss_kind(self)
+        eps_low, eps_high = trl_bounds(self)
+        loss = LossConfig(eps_low=eps_low, eps_high=eps_high, entropy_coef=float(self.entropy_coef))
         self.entroclip_controller = make_controller(control, loss)
         self.entroclip_action: ControlAction = self.entroclip_controller.static_action()
         self.entroclip_dynamic = control.kind != "static"
@@ -150,27 +176,17 @@ class EntroclipGRPOTrainer(GRPOTrainer):
         old = inputs.get("old_per_token_logps")
         old = logps.detach() if old is None else old
         advantages = weighted_advantages(inputs["advantages"], mask, inputs.get("importance_sampling_ratio"))
-        per_token_kl = self._per_token_kl(logps, old, inputs)
-        action = self.entroclip_action
-        out = clipped_surrogate(
-            logps,
-            old,
-            advantages,
-            mask,
-            action.eps_low,
-            action.eps_high,
-            agg=TRL_AGGREGATIONS[self.loss_type],
-            max_len=self.max_completion_length,
-            token_penalty=None if per_token_kl is None else self.beta * per_token_kl,
-        )
+        per_token_kl = self._per_token_kl(logps, old, mask, inputs)
+        out, policy_loss = self._policy_loss(logps, old, advantages, mask, per_token_kl)
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
-        loss = out.loss * self._loss_factor(inputs, mask, accumulation, mode)
+        loss = policy_loss * self._loss_factor(inputs, mask, accumulation, mode)
+        action = self.entroclip_action
         if action.entropy_coef != 0.0:
             # TRL's entropy bonus: the mean entropy over the micro-batch's tokens, whatever the loss type
             loss = loss - action.entropy_coef * aggregate(entropies, mask) / accumulation
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
-        self._log_entroclip(mode, out, mask, entropies, per_token_kl)
+        self._log_entroclip(mode, out, policy_loss, mask, entropies, per_token_kl)
         if self.attribution != "off":
             kappa = self._kappa(model, inputs, logps, entropies, mask)
             prefix = "entropy/" if self.attribution == "exact" else "entropy/npg_"
@@ -178,18 +194,45 @@ class EntroclipGRPOTrainer(GRPOTrainer):
             self._log_means(mode, effects)
         return loss
 
-    def _per_token_kl(self, logps: Tensor, old: Tensor, inputs: dict[str, Any]) -> Tensor | None:
-        """TRL's KL term: k3 to the reference model, times the ratio when ``use_bias_correction_kl``."""
+    def _policy_loss(
+        self, logps: Tensor, old: Tensor, advantages: Tensor, mask: Tensor, per_token_kl: Tensor | None
+    ) -> tuple[SurrogateOutput | PolicyLoss, Tensor]:
+        """The kind's output on ``[B, T]`` inputs and the micro-batch loss with TRL's KL term, aggregated as
+        the policy loss (TRL adds it per token first), before :meth:`_loss_factor`."""
+        action = self.entroclip_action
+        agg, max_len = TRL_AGGREGATIONS[self.loss_type], self.max_completion_length
+        bounds = (action.eps_low, action.eps_high)
+        out: SurrogateOutput | PolicyLoss
+        if self.entroclip_kind is None:
+            out = clipped_surrogate(logps, old, advantages, mask, *bounds, agg=agg, max_len=max_len)
+        else:
+            out = self.entroclip_kind(logps, old, advantages, mask, *bounds, None, agg, max_len)
+        if per_token_kl is None:
+            return out, out.loss
+        return out, out.loss + self.beta * aggregate(per_token_kl, mask, agg, max_len)
+
+    def _per_token_kl(
+        self, logps: Tensor, old: Tensor, mask: Tensor, inputs: dict[str, Any]
+    ) -> Tensor | None:
+        """TRL's KL term: k3 to the reference model, times TRL's importance ratio (the token's, or at the
+        sequence level the sequence's, differentiable) when ``use_bias_correction_kl``."""
         if self.beta == 0.0:
             return None
         kl = kl_penalty(logps, inputs["ref_per_token_logps"], "k3")
         if self.args.use_bias_correction_kl:
-            kl = kl * torch.exp((logps - old).clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
+            log_ratio = logps - old
+            if self.importance_sampling_level == "sequence":
+                log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+            kl = kl * torch.exp(log_ratio.clamp(-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT))
         return kl
 
     def _loss_factor(self, inputs: dict[str, Any], mask: Tensor, accumulation: int, mode: str) -> float:
-        """Scale of the micro-batch loss as TRL's loss types: 1/accumulation steps, or dapo's global count."""
-        if self.loss_type != "dapo":
+        """Scale of the micro-batch loss as TRL's loss types: 1/accumulation steps, times the share of
+        non-empty rows where TRL's mean counts every row, or the global token count of dapo and cispo."""
+        if self.loss_type in TRL_ROW_TYPES:
+            # a row without completion tokens (mask_truncated_completions, tool masks) counts in TRL's mean
+            return float((mask.sum(-1) > 0).sum() / mask.shape[0]) / accumulation
+        if self.loss_type not in TRL_GLOBAL_TYPES:
             return 1.0 / accumulation
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
@@ -215,25 +258,22 @@ class EntroclipGRPOTrainer(GRPOTrainer):
     # ----- metrics ----------------------------------------------------------------------------------------
 
     def _log_entroclip(
-        self, mode: str, out: SurrogateOutput, mask: Tensor, entropies: Tensor, per_token_kl: Tensor | None
+        self,
+        mode: str,
+        out: LossEvents,
+        policy_loss: Tensor,
+        mask: Tensor,
+        entropies: Tensor,
+        per_token_kl: Tensor | None,
     ) -> None:
-        """Clip fractions, ratio, entropy and KL as token-weighted means over ranks; bounds in force."""
-        valid = mask.bool()
-        per_token = {
-            names.CLIP_LOW: out.clip_low,
-            names.CLIP_HIGH: out.clip_high,
-            names.CLIP_REGION: out.clip_low | out.clip_high,
-            names.CLIP_DUAL: out.dual,
-            names.RATIO_MEAN: out.ratio,
-            "entropy": entropies.detach(),
-        }
-        if per_token_kl is not None:
-            per_token["kl"] = per_token_kl.detach()
-        sums = [torch.where(valid, value.float(), 0.0).sum() for value in per_token.values()]
-        totals = self.accelerator.reduce(torch.stack([*sums, valid.sum().float()]), reduction="sum").tolist()
-        for key, total in zip(per_token, totals[:-1], strict=True):
+        """Event fractions, ratio, entropy and KL as token-weighted means over ranks; the policy loss with
+        the KL term (``loss/pg``); the bounds in force."""
+        per_token = {"entropy": entropies} | ({} if per_token_kl is None else {"kl": per_token_kl})
+        sums = token_sums(out, mask, *per_token.values())
+        totals = self.accelerator.reduce(sums, reduction="sum").tolist()
+        for key, total in zip((*SURROGATE_KEYS, *per_token), totals[:-1], strict=True):
             self._metrics[mode][key].append(total / max(totals[-1], 1.0))
-        self._log_means(mode, {names.LOSS_PG: out.stats[names.LOSS_PG]})
+        self._log_means(mode, {names.LOSS_PG: float(policy_loss.detach())})
         action = self.entroclip_action
         bounds = {"control/eps_low": action.eps_low, "control/eps_high": action.eps_high}
         for key, value in bounds.items():
@@ -290,14 +330,46 @@ def _forward_kwargs(batch: dict[str, Any]) -> dict[str, Any]:
     return {key: batch.get(key) for key in FORWARD_KEYS}
 
 
+def trl_loss_kind(trainer: EntroclipGRPOTrainer) -> PolicyLossKind | None:
+    """The entroclip ``loss.kind`` of the trainer's loss (None: ``ppo``, PPO's token clip)."""
+    if trainer.loss_type == "sapo":
+        return PolicyLossKind("sapo", trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg)
+    if trainer.loss_type == "cispo":
+        return PolicyLossKind("cispo")
+    return PolicyLossKind("gspo") if trainer.importance_sampling_level == "sequence" else None
+
+
+def trl_bounds(trainer: EntroclipGRPOTrainer) -> tuple[float | None, float | None]:
+    """entroclip's (eps_low, eps_high) of the trainer's loss: TRL's ``epsilon`` and ``epsilon_high`` for
+    PPO's clip; CISPO caps the ratio at ``epsilon_high`` (= 1 + eps_high) with no lower bound; SAPO has
+    none."""
+    if trainer.loss_type == "cispo":
+        return None, trainer.epsilon_high - 1.0
+    if trainer.loss_type == "sapo":
+        return None, None
+    return trainer.epsilon_low, trainer.epsilon_high
+
+
 def _check_supported(trainer: EntroclipGRPOTrainer, control: ControlConfig, attribution: str) -> None:
     """Raise ValueError for TRL options whose loss this adapter does not reproduce."""
     args = trainer.args
+    loss_type, level = trainer.loss_type, trainer.importance_sampling_level
+    known = loss_type in TRL_AGGREGATIONS and level in IMPORTANCE_SAMPLING_LEVELS
+    sequence_kind = known and level == "sequence" and loss_type not in TRL_CLIP_TYPES
+    ppo = loss_type in TRL_CLIP_TYPES and level == "token"
     unsupported = {
-        f"loss_type={trainer.loss_type!r} (use one of {sorted(TRL_AGGREGATIONS)})": (
-            trainer.loss_type not in TRL_AGGREGATIONS
+        f"loss_type={loss_type!r} (use one of {sorted(TRL_AGGREGATIONS)})": loss_type not in TRL_AGGREGATIONS,
+        f"importance_sampling_level={level!r} (use one of {IMPORTANCE_SAMPLING_LEVELS})": (
+            level not in IMPORTANCE_SAMPLING_LEVELS
         ),
-        "importance_sampling_level='sequence'": trainer.importance_sampling_level != "token",
+        f"importance_sampling_level='sequence' with loss_type={loss_type!r} (GSPO: use one of "
+        f"{TRL_CLIP_TYPES})": sequence_kind,
+        f"loss_type='cispo' with epsilon_high={trainer.epsilon_high} (the cap on the ratio: use >= 1)": (
+            loss_type == "cispo" and trainer.epsilon_high < 1.0
+        ),
+        # as in entroclip's own config: the clip-low controller moves PPO's token clip, no other kind's bound
+        f"control.kind='clip_low' with loss_type={loss_type!r}, importance_sampling_level={level!r} (use "
+        "static or entropy_bonus)": known and not ppo and control.kind == "clip_low",
         "top_entropy_quantile < 1": trainer.top_entropy_quantile < 1.0,
         "off_policy_mask_threshold": trainer.off_policy_mask_threshold is not None,
         "delta (two-sided clipping)": args.delta is not None,

@@ -1,15 +1,27 @@
-"""verl adapter: entroclip's clipped surrogate as the verl policy loss ``entroclip``.
+"""verl adapter: entroclip's losses as the verl policy losses ``entroclip``, ``entroclip_gspo``,
+``entroclip_cispo`` and ``entroclip_sapo``.
 
-Turn it on with ``actor_rollout_ref.actor.policy_loss.loss_mode=entroclip`` and load this module in verl's
-workers (``actor_rollout_ref.model.external_lib=entroclip.integrations.verl``); see docs/integrations.md.
-The loss is verl's ``vanilla`` loss (decoupled ``clip_ratio_low`` / ``clip_ratio_high``, dual-clip at
-``clip_ratio_c``, verl's global-batch aggregation and rollout-correction weights) computed by
-:func:`entroclip.objectives.clipped_surrogate`. It returns verl's ``actor/pg_clipfrac``,
-``actor/ppo_kl`` and ``actor/pg_clipfrac_lower`` (dual-clip) and entroclip's metrics:
+Turn one on with ``actor_rollout_ref.actor.policy_loss.loss_mode=entroclip`` (or another of
+``POLICY_LOSSES``) and load this module in verl's workers
+(``actor_rollout_ref.model.external_lib=entroclip.integrations.verl``); see docs/integrations.md. Each is
+the verl loss of the same name without the prefix, with verl's global-batch aggregation and
+rollout-correction weights, computed by entroclip's ``loss.kind``:
+
+- ``entroclip``: verl's ``vanilla`` (decoupled ``clip_ratio_low`` / ``clip_ratio_high``, dual-clip at
+  ``clip_ratio_c``), kind ppo, :func:`entroclip.objectives.clipped_surrogate`;
+- ``entroclip_gspo``, ``entroclip_cispo``: verl's ``gspo`` / ``cispo`` (bounds ``clip_ratio_low`` /
+  ``clip_ratio_high``), :func:`entroclip.losses.gspo_loss` / :func:`entroclip.losses.cispo_loss`;
+- ``entroclip_sapo``: verl's ``sapo`` (``tau_pos``, ``tau_neg``; always ``seq-mean-token-mean``),
+  :func:`entroclip.losses.sapo_loss`.
+
+It returns verl's ``actor/pg_clipfrac``, ``actor/ppo_kl`` and ``actor/pg_clipfrac_lower`` (dual-clip) with
+the values of verl's own loss, and entroclip's metrics:
 
 - ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``clip_ratio/dual_mean``,
-  ``ratio/mean``: sign-gated clip fractions and the mean ratio over the call's response tokens;
-- ``entropy/npg_effect_*``: :func:`entroclip.entropy.clip_attribution` with the natural-gradient
+  ``ratio/mean``: the kind's event fractions (PPO's sign-gated clip fractions; see
+  :mod:`entroclip.losses`) and the mean of the ratio it bounds or gates, over the call's response tokens;
+- ``entropy/npg_effect_*``: :func:`entroclip.entropy.clip_attribution`, for the other kinds their ledger
+  (:func:`entroclip.losses.entropy_ledger`, with ``entropy/npg_effect_rescale``), with the natural-gradient
   sensitivity of :func:`entroclip.integrations.common.npg_kappa` (verl gives a policy loss log-probs only,
   not logits, so the exact logit-space kappa of ``entropy/effect_*`` cannot be formed here);
 - ``entropy/rollout_mc``: mean of ``-log pi_old`` over the call's response tokens, a Monte-Carlo estimate
@@ -24,8 +36,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import yaml
@@ -37,15 +51,24 @@ from entroclip.config import ConfigError, ControlConfig, LossConfig, Section
 from entroclip.control import ControlAction, Controller, make_controller
 from entroclip.integrations.common import (
     attribution_metrics,
+    event_metrics,
     npg_kappa,
-    surrogate_metrics,
     weighted_advantages,
 )
-from entroclip.objectives import LOG_RATIO_LIMIT, Aggregation, clipped_surrogate
+from entroclip.losses import PolicyLoss, PolicyLossKind
+from entroclip.objectives import LOG_RATIO_LIMIT, Aggregation, SurrogateOutput, clipped_surrogate
 
 LOSS_NAME = "entroclip"
 CONFIG_ENV = "ENTROCLIP_VERL_CONFIG"
 VERL_CONTROL_KINDS = ("static", "clip_low")
+#: the kinds of entroclip.losses that verl has as a loss_mode of the same name
+VerlKind = Literal["gspo", "cispo", "sapo"]
+#: verl loss_mode -> the kind it runs; LOSS_NAME runs ppo (verl's vanilla)
+KIND_LOSS_NAMES: dict[str, VerlKind] = {
+    "entroclip_gspo": "gspo",
+    "entroclip_cispo": "cispo",
+    "entroclip_sapo": "sapo",
+}
 
 
 class ConfigLike(Protocol):
@@ -231,6 +254,26 @@ def _bound_metrics(eps_low: float | None, eps_high: float | None) -> dict[str, f
     return {key: value for key, value in bounds.items() if value is not None}
 
 
+def _kind_loss(
+    kind: VerlKind | None,
+    config: ConfigLike,
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    bounds: tuple[float | None, float | None, float],
+    agg: Aggregation,
+    max_len: int | None,
+) -> SurrogateOutput | PolicyLoss:
+    """The output of ``kind`` (None: ppo) on ``[B, T]`` inputs; ``bounds``: (eps_low, eps_high, dual c)."""
+    low, high, dual_clip = bounds
+    if kind is None:
+        return clipped_surrogate(log_prob, old_log_prob, advantages, mask, low, high, dual_clip, agg, max_len)
+    loss = PolicyLossKind(kind, float(config.get("tau_pos", 1.0)), float(config.get("tau_neg", 1.05)))
+    # verl's gspo and cispo have no dual-clip
+    return loss(log_prob, old_log_prob, advantages, mask, low, high, None, agg, max_len)
+
+
 def entroclip_policy_loss(
     old_log_prob: Tensor,
     log_prob: Tensor,
@@ -239,23 +282,37 @@ def entroclip_policy_loss(
     loss_agg_mode: str = "token-mean",
     config: ConfigLike | None = None,
     rollout_is_weights: Tensor | None = None,
+    *,
+    kind: VerlKind | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """verl policy loss (``register_policy_loss`` signature): the clipped surrogate and its metrics."""
+    """verl policy loss (``register_policy_loss`` signature, tensors ``[B, T]``): entroclip's ``kind`` as
+    verl's loss of that name (None: ppo, as verl's ``vanilla``) and its metrics."""
     if config is None:
         raise ValueError("the entroclip policy loss needs verl's actor config")
     settings, control = _settings(), _Runtime.control
+    if control is not None and kind is not None:
+        raise ValueError(
+            f"control.kind={control.config.kind!r} moves PPO's token clip: it needs loss_mode={LOSS_NAME!r}, "
+            f"not the {kind} loss (use control.kind static)"
+        )
     eps_low, eps_high, dual_clip = verl_bounds(config)
     low, high = control.bounds(eps_low, eps_high) if control is not None else (eps_low, eps_high)
+    if kind == "sapo":
+        # verl's sapo has no bounds, and aggregates seq-mean-token-mean whatever loss_agg_mode says
+        low = high = None
+    mode = "seq-mean-token-mean" if kind == "sapo" else loss_agg_mode
     batch_info = dict(config.get("global_batch_info") or {})
-    agg, max_len, factor = verl_aggregation(response_mask, loss_agg_mode, batch_info)
+    agg, max_len, factor = verl_aggregation(response_mask, mode, batch_info)
     adv = weighted_advantages(advantages, response_mask, rollout_is_weights)
-    out = clipped_surrogate(
-        log_prob, old_log_prob, adv, response_mask, low, high, dual_clip=dual_clip, agg=agg, max_len=max_len
+    out = _kind_loss(
+        kind, config, log_prob, old_log_prob, adv, response_mask, (low, high, dual_clip), agg, max_len
     )
     ppo_kl, neg_logp_old, tokens = _logp_totals(log_prob, old_log_prob, response_mask)
-    stats = surrogate_metrics(out)
+    stats = event_metrics(out, response_mask)
     metrics = {
-        "actor/pg_clipfrac": stats[names.CLIP_REGION],
+        # verl's values: its gspo and cispo count the tokens whose ratio was clipped (the kinds' events), its
+        # sapo reports 0
+        "actor/pg_clipfrac": 0.0 if kind == "sapo" else stats[names.CLIP_REGION],
         "actor/ppo_kl": ppo_kl,
         "actor/pg_clipfrac_lower": stats[names.CLIP_DUAL],
         **stats,
@@ -274,13 +331,21 @@ def entroclip_policy_loss(
     return out.loss * factor, metrics
 
 
+#: verl loss_mode -> entroclip's loss registered under it
+POLICY_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, float]]]] = {
+    LOSS_NAME: entroclip_policy_loss,
+    **{name: partial(entroclip_policy_loss, kind=kind) for name, kind in KIND_LOSS_NAMES.items()},
+}
+
+
 def register() -> bool:
-    """Register :func:`entroclip_policy_loss` as verl's policy loss ``entroclip``; False without verl."""
+    """Register ``POLICY_LOSSES`` as verl's policy losses of those names; False without verl."""
     if importlib.util.find_spec("verl") is None:
         return False
     from verl.trainer.ppo.core_algos import register_policy_loss
 
-    register_policy_loss(LOSS_NAME)(entroclip_policy_loss)
+    for name, loss in POLICY_LOSSES.items():
+        register_policy_loss(name)(loss)
     return True
 
 
