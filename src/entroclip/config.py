@@ -218,6 +218,11 @@ class ControlConfig(Section):
         None, gt=0, description="entropy to hold as a fraction of the rollout entropy at step 1"
     )
     release_step: Int | None = Field(None, ge=0, description="stop holding the target after this step")
+    retarget: dict[Int, Float] | None = Field(
+        None,
+        description="later targets in the unit of target / target_ratio, by step: {75: 0.6} holds 0.6 x "
+        "the first entropy after step 75 (a tracking test)",
+    )
     smoothing: Float = Field(0.0, ge=0, lt=1, description="EMA weight on past entropy measurements")
     eps_low_ref: Float | None = Field(
         None, ge=0, le=1, description="clip_low: eps_low at zero error (default loss.eps_low)"
@@ -280,6 +285,8 @@ class ControlConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ControlConfig:
+        if any(step < 1 or value <= 0 for step, value in (self.retarget or {}).items()):
+            raise ValueError(f"control.retarget needs steps >= 1 and targets > 0, got {self.retarget}")
         if self.kind in TARGET_KINDS and (self.target is None) == (self.target_ratio is None):
             raise ValueError(
                 f"control.kind={self.kind!r} needs exactly one of control.target, control.target_ratio"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,21 +36,34 @@ class ControlAction:
 
 class EntropyTarget:
     """The entropy to hold (nats): absolute, or a fraction of the first entropy observed; held until
-    ``release_step`` (None: always). Measurements are smoothed with an EMA (``smoothing`` = weight on the
-    past)."""
+    ``release_step`` (None: always). ``retarget`` maps steps to later targets in the same unit: after
+    step k the target is ``retarget[k]`` (a tracking test). Measurements are smoothed with an EMA
+    (``smoothing`` = weight on the past)."""
 
-    def __init__(self, target: float | None, ratio: float | None, release_step: int | None, smoothing: float):
-        self.value = target
-        self.ratio = ratio
+    def __init__(
+        self,
+        target: float | None,
+        ratio: float | None,
+        release_step: int | None,
+        smoothing: float,
+        retarget: Mapping[int, float] | None = None,
+    ):
+        self.absolute = target is not None
+        self.schedule = [(0, target if target is not None else ratio), *sorted((retarget or {}).items())]
+        self.value: float | None = target
+        self.first: float | None = None
         self.release_step = release_step
         self.smoothing = smoothing
         self.smoothed: float | None = None
 
-    def observe(self, entropy: float) -> float:
-        """Record a measurement; returns the smoothed entropy. The first one fixes a ratio target."""
-        if self.value is None:
-            assert self.ratio is not None
-            self.value = self.ratio * entropy
+    def observe(self, entropy: float, step: int = 1) -> float:
+        """Record the measurement of ``step``; returns the smoothed entropy. The first one fixes a ratio
+        target's reference."""
+        if self.first is None:
+            self.first = entropy
+        level = next(value for after, value in reversed(self.schedule) if step > after)
+        assert level is not None
+        self.value = level if self.absolute else level * self.first
         if self.smoothed is None:
             self.smoothed = entropy
         else:
@@ -65,10 +79,16 @@ class EntropyTarget:
         return (self.value - self.smoothed) / max(self.value, 1e-8)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "smoothed": self.smoothed}
+        return {"value": self.value, "smoothed": self.smoothed, "first": self.first}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.value, self.smoothed = state["value"], state["smoothed"]
+        # a ratio target's reference; checkpoints without it have no retarget to apply
+        self.first = state.get("first", self.value if self.absolute else None)
+        if self.first is None and self.value is not None:
+            ratio = self.schedule[0][1]
+            assert ratio is not None
+            self.first = self.value / ratio
 
 
 class PIOutput:
@@ -161,7 +181,7 @@ class ClipLowController(Controller):
         self.current = self.eps_ref
 
     def act(self, step: int, entropy: float) -> ControlAction:
-        self.target.observe(entropy)
+        self.target.observe(entropy, step)
         if not self.target.held(step):
             self.current = self.eps_ref
             return replace(self.static, eps_low=self.eps_ref)
@@ -228,7 +248,7 @@ class ClipController(Controller):
         return low_ref - u * (low_max - low_ref), high_ref - u * (high_min - high_ref)
 
     def act(self, step: int, entropy: float) -> ControlAction:
-        self.target.observe(entropy)
+        self.target.observe(entropy, step)
         if not self.target.held(step):
             self.pi.output = 0.0
             return self.static
@@ -272,7 +292,7 @@ class TokenWeightController(Controller):
         self.pi = PIOutput(control.kp, control.ki, -1.0, 1.0)
 
     def act(self, step: int, entropy: float) -> ControlAction:
-        self.target.observe(entropy)
+        self.target.observe(entropy, step)
         if not self.target.held(step):
             self.pi.output = 0.0
             return self.static
@@ -369,7 +389,7 @@ class EntropyBonusController(Controller):
         return self.coef_max * self.pi.output if self.rule == "pi" else math.exp(self.log_coef)
 
     def act(self, step: int, entropy: float) -> ControlAction:
-        self.target.observe(entropy)
+        self.target.observe(entropy, step)
         if not self.target.held(step):
             return self.static_action()
         error = self.target.relative_error()
@@ -412,7 +432,7 @@ class AdaptiveEntropyController(Controller):
         self.applied = 0.0
 
     def act(self, step: int, entropy: float) -> ControlAction:
-        smoothed = self.target.observe(entropy)
+        smoothed = self.target.observe(entropy, step)
         if not self.target.held(step):
             return self.static_action()
         assert self.target.value is not None
@@ -449,7 +469,9 @@ class KLCovController(StaticController):
 
 
 def _target(control: ControlConfig) -> EntropyTarget:
-    return EntropyTarget(control.target, control.target_ratio, control.release_step, control.smoothing)
+    return EntropyTarget(
+        control.target, control.target_ratio, control.release_step, control.smoothing, control.retarget
+    )
 
 
 def make_controller(control: ControlConfig, loss: LossConfig) -> Controller:

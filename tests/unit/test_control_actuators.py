@@ -187,3 +187,20 @@ def test_kinds_are_the_documented_classes():
     assert isinstance(control("entropy_bonus", target=1.0, coef_rule="pi"), EntropyBonusController)
     with pytest.raises(ValueError, match="control.coef_min must be > 0"):
         ControlConfig(kind="cascade", target=1.0, coef_min=0.0)
+
+
+def test_retarget_moves_a_ratio_target_after_its_step():
+    from entroclip.config import parse_config
+
+    config = parse_config({"control": {"kind": "cascade", "target_ratio": 0.8, "retarget": {5: 0.6}}})
+    ctl = make_controller(config.control, config.loss)
+    targets = []
+    for step, h in enumerate([1.0, 0.9, 0.8, 0.8, 0.8, 0.7, 0.6], start=1):
+        ctl.act(step, h)
+        targets.append(ctl.metrics()["control/target"])
+    assert targets == pytest.approx([0.8] * 5 + [0.6] * 2)  # the first entropy stays the reference
+    resumed = make_controller(config.control, config.loss)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.act(8, 0.6) == ctl.act(8, 0.6)
+    with pytest.raises(ValueError, match="control.retarget"):
+        ControlConfig(kind="clip", target=1.0, retarget={0: 0.5})
