@@ -243,13 +243,18 @@ class ControlConfig(Section):
         0.95, gt=0, lt=1, description="token_weight, cascade: tokens above this probability are weighted"
     )
     bonus: bool = Field(True, description="cascade: the entropy bonus is its last actuator")
-    eps_high_min: Float = Field(
-        0.05, ge=0, description="clip: eps_high at the output -1 (the tightest clip-high, lowering entropy)"
-    )
-    eps_high_max: Float = Field(
-        1.0,
+    eps_high_down: Float | None = Field(
+        None,
         ge=0,
-        description="clip: eps_high just below the output +1; at +1 clip-high is off (raising entropy)",
+        description="clip, cascade: eps_high at the output -1 (the entropy-lowering end); null: "
+        "loss.eps_high",
+    )
+    eps_high_up: Float | Literal["off"] | None = Field(
+        None,
+        description="clip, cascade: eps_high at the output +1 (the entropy-raising end); off: clip-high "
+        "off there, approached through 1.0 (the paper's direction, e.g. with eps_high_down 0.05); null: "
+        "loss.eps_high. Under verifiable rewards clip-high raised entropy in docs/results.md, so the default "
+        "leaves it alone",
     )
     coef_rule: Literal["sac", "pi"] = Field(
         "sac",
@@ -290,11 +295,6 @@ class ControlConfig(Section):
         if self.kind in TARGET_KINDS and (self.target is None) == (self.target_ratio is None):
             raise ValueError(
                 f"control.kind={self.kind!r} needs exactly one of control.target, control.target_ratio"
-            )
-        if self.eps_high_min > self.eps_high_max:
-            raise ValueError(
-                f"control.eps_high_min ({self.eps_high_min}) must be <= "
-                f"control.eps_high_max ({self.eps_high_max})"
             )
         if self.eps_low_min > self.eps_low_max:
             raise ValueError(

@@ -206,17 +206,24 @@ class ClipLowController(Controller):
         self.integral, self.current = state["integral"], state["current"]
 
 
+#: eps_high on the way to "clip-high off": the schedule approaches off through this bound (a ratio cap
+#: at 2, which an update rarely reaches), then switches clip-high off at the end of the range
+OFF_APPROACH = 1.0
+
+
 class ClipController(Controller):
     """A PI controller whose one output u in [-1, 1] moves eps_low and eps_high together along one schedule
     (clipping first: it adds no gradient term).
 
     With e = (target - H) / target, u = :class:`PIOutput` (kp, ki) of e: too little entropy gives u > 0.
     The schedule is piecewise linear through three points:
-    - u = -1: the loosest clip-low (``eps_low_max``) and the tightest clip-high (``eps_high_min``), which
-      lower entropy;
+    - u = -1: the loosest clip-low (``eps_low_max``) and ``eps_high_down``, which lower entropy;
     - u = 0: the config's bounds (``loss.eps_low``, ``loss.eps_high``);
-    - u = +1: the tightest clip-low (``eps_low_min``) and clip-high off, which raise entropy; just below
-      +1, eps_high is ``eps_high_max``.
+    - u = +1: the tightest clip-low (``eps_low_min``) and ``eps_high_up``, which raise entropy.
+    ``eps_high_down`` / ``eps_high_up`` None keep ``loss.eps_high``; ``"off"`` approaches clip-high off
+    through ``OFF_APPROACH`` and switches it off at the end. The paper's direction is eps_high_down 0.05,
+    eps_high_up off; under verifiable rewards clip-high raised entropy (docs/results.md), hence the default
+    that leaves it alone.
     """
 
     low_output, high_output = -1.0, 1.0
@@ -229,23 +236,31 @@ class ClipController(Controller):
             loss.eps_low if loss.eps_low is not None else 0.2,
             control.eps_low_max,
         )
-        self.high_range = (
-            control.eps_high_min,
-            loss.eps_high if loss.eps_high is not None else 0.2,
-            control.eps_high_max,
-        )
+        self.high_ref = loss.eps_high
+        self.high_ends = (control.eps_high_down, control.eps_high_up)
         self.pi = PIOutput(control.kp, control.ki, self.low_output, self.high_output)
 
     def bounds(self, u: float) -> tuple[float, float | None]:
-        """(eps_low, eps_high) at output ``u`` (eps_high None: clip-high off, from u = 1 on)."""
+        """(eps_low, eps_high) at output ``u``; beyond [-1, 1] the ends' bounds (eps_high None: off)."""
         low_min, low_ref, low_max = self.low_range
-        high_min, high_ref, high_max = self.high_range
-        u = max(u, -1.0)
-        if u >= 1.0:
-            return low_min, None
-        if u >= 0.0:
-            return low_ref + u * (low_min - low_ref), high_ref + u * (high_max - high_ref)
-        return low_ref - u * (low_max - low_ref), high_ref - u * (high_min - high_ref)
+        u = min(max(u, -1.0), 1.0)
+        if abs(u) >= 1.0:  # the ends exactly
+            return (low_min if u > 0 else low_max), self._eps_high(u)
+        eps_low = low_ref + u * (low_min - low_ref) if u >= 0.0 else low_ref - u * (low_max - low_ref)
+        return eps_low, self._eps_high(u)
+
+    def _eps_high(self, u: float) -> float | None:
+        end = self.high_ends[0] if u < 0.0 else self.high_ends[1]
+        if end is None or u == 0.0:
+            return self.high_ref
+        if end == "off":
+            if abs(u) >= 1.0:
+                return None
+            end = OFF_APPROACH
+        if abs(u) >= 1.0:
+            return end
+        start = self.high_ref if self.high_ref is not None else OFF_APPROACH
+        return start + abs(u) * (end - start)
 
     def act(self, step: int, entropy: float) -> ControlAction:
         self.target.observe(entropy, step)

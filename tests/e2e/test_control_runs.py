@@ -41,7 +41,7 @@ def test_trainer_runs_each_controller(tmp_path, overrides, keys):
     if "control.kind=token_weight" in overrides:  # too little entropy: the likely tokens held back
         assert metrics[-1]["control/token_weight"] < 0 and metrics[-1]["token_weight/likely_mean"] > 0
     if "control.kind=cascade" in overrides:  # a large error: past the clip, onto the token weights
-        assert metrics[-1]["control/active"] >= 1 and "control/eps_high" not in metrics[-1]  # clip-high off
+        assert metrics[-1]["control/active"] >= 1 and metrics[-1]["control/eps_low"] == 0.02  # clip saturated
     if "loss.top_entropy_quantile=0.2" in overrides:  # 80% of the tokens lose their gradient
         assert metrics[-1]["entropy/effect_cov"] != 0
 

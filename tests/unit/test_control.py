@@ -190,13 +190,15 @@ def test_clip_cov_draws_only_eligible_unclipped_tokens():
 
 
 def clip_controller(**kw):
+    """The clip controller with the paper's clip-high direction (tight to lower entropy, off to raise it)."""
     from entroclip.control import ClipController
 
+    kw = {"eps_high_down": 0.05, "eps_high_up": "off"} | kw
     return ClipController(ControlConfig(kind="clip", **kw), LOSS)
 
 
 def test_clip_controller_schedule_runs_through_its_three_points():
-    ctl = clip_controller(target=1.0, eps_low_min=0.05, eps_low_max=0.4, eps_high_min=0.05, eps_high_max=1.0)
+    ctl = clip_controller(target=1.0, eps_low_min=0.05, eps_low_max=0.4)
     assert ctl.bounds(-1.0) == pytest.approx((0.4, 0.05))  # loose clip-low, tight clip-high: entropy down
     assert ctl.bounds(0.0) == pytest.approx((0.2, 0.2))  # the config's bounds
     assert ctl.bounds(0.5) == pytest.approx((0.125, 0.6))
@@ -222,6 +224,15 @@ def test_clip_controller_sign_and_anti_windup():
     too_high = clip_controller(target=1.0)
     action = too_high.act(1, 1.3)
     assert too_high.pi.output < 0 and action.eps_low > 0.2 and action.eps_high < 0.2
+
+
+def test_clip_controller_leaves_clip_high_alone_by_default():
+    """The default schedule moves eps_low only; a numeric end moves eps_high linearly towards it."""
+    ctl = clip_controller(target=1.0, eps_high_down=None, eps_high_up=None)
+    assert [ctl.bounds(u)[1] for u in (-1.0, -0.3, 0.0, 0.7, 1.0)] == [0.2] * 5
+    ctl = clip_controller(target=1.0, eps_high_down=0.3, eps_high_up=0.1)
+    assert ctl.bounds(-1.0)[1] == pytest.approx(0.3) and ctl.bounds(0.5)[1] == pytest.approx(0.15)
+    assert ctl.bounds(2.5) == ctl.bounds(1.0)  # beyond the range: the end's bounds
 
 
 def test_clip_controller_state_round_trips():

@@ -51,7 +51,18 @@ def test_token_weight_sign_and_bounds():
 
 def scripted_cascade(**kw):
     """A cascade driven by far too little entropy for 40 steps, then far too much for 60."""
-    ctl = control("cascade", target=1.0, kp=0.5, ki=0.2, weight_max=0.8, coef_min=1e-4, coef_max=1e-2, **kw)
+    ctl = control(
+        "cascade",
+        target=1.0,
+        kp=0.5,
+        ki=0.2,
+        weight_max=0.8,
+        coef_min=1e-4,
+        coef_max=1e-2,
+        eps_high_down=0.05,
+        eps_high_up="off",
+        **kw,
+    )
     trace = []
     for step in range(1, 101):
         action = ctl.act(step, 0.5 if step <= 40 else 1.5)
