@@ -243,6 +243,9 @@ class ControlConfig(Section):
         0.95, gt=0, lt=1, description="token_weight, cascade: tokens above this probability are weighted"
     )
     bonus: bool = Field(True, description="cascade: the entropy bonus is its last actuator")
+    sharpen: bool = Field(
+        False, description="cascade: below the clip's entropy-lowering end, token weights sharpen (alpha > 0)"
+    )
     eps_high_down: Float | None = Field(
         None,
         ge=0,

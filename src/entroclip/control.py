@@ -332,22 +332,23 @@ class TokenWeightController(Controller):
 
 
 class CascadeController(ClipController):
-    """Clipping first, then the token weights, then the entropy bonus: one PI output u in [-2, 3] split
+    """Clipping first, then the token weights, then the entropy bonus: one PI output u in [-1, 3] (or [-2, 3])
     over the actuators in sequence (split-range control).
 
     - u in [-1, 1]: the clip schedule of :class:`ClipController`, nothing else;
-    - u in (1, 2]: the clip at its entropy-raising end (``eps_low_min``, clip-high off) and
+    - u in (1, 2]: the clip at its entropy-raising end (``eps_low_min``, ``eps_high_up``) and
       alpha = -(u - 1) ``weight_max``;
     - u in (2, 3]: both at that end and the bonus ``coef_min (coef_max / coef_min) ** (u - 2)``
       (``bonus: false`` stops the output at 2);
-    - u in [-2, -1): the clip at its entropy-lowering end and alpha = (-1 - u) ``weight_max``.
+    - u in [-2, -1) (``sharpen: true`` only): the clip at its entropy-lowering end and
+      alpha = (-1 - u) ``weight_max``. Off by default: under verifiable rewards the reward itself lowers
+      entropy, and a deeper low end is integral the loop must unwind when the entropy reaches the target.
     A saturated actuator hands over to the next as the integral keeps moving, and takes over again as the
     output comes back into its range. ``control/active``: 0 clip, 1 token weights, 2 bonus.
     """
 
-    low_output = -2.0
-
     def __init__(self, control: ControlConfig, loss: LossConfig) -> None:
+        self.low_output = -2.0 if control.sharpen else -1.0
         self.high_output = 3.0 if control.bonus else 2.0
         super().__init__(control, loss)
         self.weight_max = control.weight_max

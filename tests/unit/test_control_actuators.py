@@ -71,7 +71,7 @@ def scripted_cascade(**kw):
 
 
 def test_cascade_hands_over_in_order_and_back():
-    trace = scripted_cascade()
+    trace = scripted_cascade(sharpen=True)
     actives = [active for _, active, _ in trace]
     rising, falling = actives[:40], actives[40:]
     assert rising == sorted(rising) and set(rising) == {0.0, 1.0, 2.0}  # clip, then weights, then bonus
@@ -91,6 +91,13 @@ def test_cascade_hands_over_in_order_and_back():
     lowest = trace[-1][2]
     assert trace[-1][0] < -1.0 and lowest.token_weight > 0.0  # too much entropy: the weights sharpen
     assert lowest.eps_low == 0.4 and lowest.eps_high == pytest.approx(0.05)  # with the clip at its other end
+
+
+def test_cascade_without_sharpen_stops_at_the_clips_low_end():
+    trace = scripted_cascade()
+    assert min(u for u, _, _ in trace) == -1.0
+    lowest = trace[-1][2]
+    assert lowest.token_weight == 0.0 and lowest.eps_low == 0.4  # the clip alone at its entropy-lowering end
 
 
 def test_cascade_without_bonus_stops_at_the_token_weights():
