@@ -192,6 +192,10 @@ class OptimConfig(Section):
 TARGET_KINDS = ("clip_low", "clip", "token_weight", "cascade", "entropy_bonus", "adaptive_entropy")
 
 
+#: built-in tasks whose responses hold a reasoning trace before the answer (entroclip.tasks.trace)
+TRACE_TASKS = ("trace", "addition_trace")
+
+
 class ControlConfig(Section):
     """Entropy control (see entroclip.control)."""
 
@@ -410,6 +414,11 @@ class Config(Section):
             raise ValueError(
                 f"control.kind={self.control.kind!r} acts on PPO's token clip: it needs loss.kind=ppo, got "
                 f"{self.loss.kind!r}"
+            )
+        if self.task.name in TRACE_TASKS and self.eval.every and self.eval.reward == "exact_match":
+            raise ValueError(
+                f"eval.reward must be trace_answer for task.name={self.task.name!r}: exact_match compares the whole "
+                "response, trace included, with the answer, so no response would count as correct"
             )
         if self.advantage.kind in ("grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(

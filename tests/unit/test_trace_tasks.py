@@ -306,3 +306,12 @@ def test_longest_example_fits_the_builtin_models(name, max_response):
     assert len(ids) + 1 <= 256  # + EOS; the built-in models have 256 positions
     # and the response (target + EOS) stays short, as a 2-digit scratchpad should
     assert max(len(sft_target(e)) for e in examples) + 1 <= max_response
+
+
+@pytest.mark.parametrize("name", ["trace", "addition_trace"])
+def test_a_trace_task_is_not_evaluated_by_exact_match(name):
+    from entroclip.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="eval.reward must be trace_answer"):
+        parse_config({"task": {"name": name}, "eval": {"every": 10}})
+    parse_config({"task": {"name": name}, "eval": {"every": 10, "reward": "trace_answer"}})
