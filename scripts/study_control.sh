@@ -16,13 +16,12 @@ STAGES=${STAGES:-static trace addition tracking}
 TRACE=configs/study/rlvr_trace.yaml
 ADDITION=configs/study/rlvr_addition.yaml
 TARGET="control.target_ratio=0.8"
+GAINS="control.kp=2;control.ki=0.5"  # the PI gains of every controller here (the defaults 1, 0.1 are clip_low's)
 CONTROLLERS=(
   --setting "static-0.2-0.2:loss.eps_low=0.2"
-  --setting "clip:control.kind=clip;$TARGET"
-  --setting "token_weight:control.kind=token_weight;$TARGET"
-  --setting "cascade:control.kind=cascade;$TARGET"
-  --setting "entropy_bonus-pi:control.kind=entropy_bonus;control.coef_rule=pi;$TARGET"
-  --setting "adaptive_entropy:control.kind=adaptive_entropy;$TARGET"
+  --setting "clip:control.kind=clip;$TARGET;$GAINS"
+  --setting "token_weight:control.kind=token_weight;$TARGET;$GAINS"
+  --setting "cascade:control.kind=cascade;$TARGET;$GAINS"
 )
 
 [ -f runs/sft/model.safetensors ] || "$ENTROCLIP" sft --out runs/sft
@@ -75,7 +74,7 @@ if [[ " $STAGES " == *" tracking "* ]]; then
     config=$TRACE; [ "$task" = trace ] || config=$ADDITION
     "$ENTROCLIP" sweep "$config" --seeds 3 --workers "$WORKERS" --resume --out "runs/study/tracking_$task" \
       --set run.steps=150 \
-      --setting "cascade:control.kind=cascade;$TARGET;control.retarget={75: 0.6}"
+      --setting "cascade:control.kind=cascade;$TARGET;$GAINS;control.retarget={75: 0.6}"
     publish "tracking_$task"
   done
 fi

@@ -40,6 +40,8 @@ def main(sweep: Path) -> None:
             if entry[fixed] == value and entry[varied] is not None
             for run in entry["runs"]
         ]
+        if len(points) < 3:  # a sweep without this axis
+            continue
         x, y = (np.array(v, dtype=float) for v in zip(*points, strict=True))
         b, half, p = slope(x, y)
         print(f"{varied} at {fixed} = {value}: slope {b:+.3f} ± {half:.3f} nats per unit, ", end="")
