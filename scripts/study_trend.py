@@ -40,7 +40,7 @@ def main(sweep: Path) -> None:
             if entry[fixed] == value and entry[varied] is not None
             for run in entry["runs"]
         ]
-        if len(points) < 3:  # a sweep without this axis
+        if len({x for x, _ in points}) < 2:  # a sweep that does not vary this bound
             continue
         x, y = (np.array(v, dtype=float) for v in zip(*points, strict=True))
         b, half, p = slope(x, y)

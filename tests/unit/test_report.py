@@ -456,6 +456,7 @@ def test_study_report_and_plots(tmp_path):
     out = tmp_path / "study"
     paths = plot_study(groups, out / "alt", smooth=0.3)
     assert sorted(p.name for p in paths) == [
+        "clip_effects.png",
         "clip_fractions.png",
         "probe_entropy.png",
         "reward.png",
@@ -669,6 +670,22 @@ def test_outputs_match_golden(tmp_path):
             assert_png(tmp_path / rel)
 
 
+def test_study_plots_show_the_counterfactual_and_the_trace_entropy_where_logged(tmp_path):
+    """Runs with the counterfactual probe (every other step) and a reasoning trace get their two panels."""
+    runs = []
+    for seed in range(2):
+        run = make_run(tmp_path, f"cf/s{seed}", seed=seed, steps=4)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        for row in rows:
+            row.update({"entropy/trace": 1.0, "entropy/answer": 0.5})
+            if row["step"] % 2 == 0:
+                row.update({"entropy/cf_effect_low": 0.01, "entropy/cf_effect_high": -0.01})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(run)
+    names = {p.name for p in plot_study({"cf": runs}, tmp_path / "plots")}
+    assert {"counterfactual.png", "trace_answer_entropy.png"} <= names
+
+
 if __name__ == "__main__":  # python tests/unit/test_report.py: rewrite tests/golden/report/
     import tempfile
 
@@ -676,3 +693,4 @@ if __name__ == "__main__":  # python tests/unit/test_report.py: rewrite tests/go
         for name, text in write_golden_outputs(Path(tmp)).items():
             (GOLDEN / name).parent.mkdir(parents=True, exist_ok=True)
             (GOLDEN / name).write_text(text)
+

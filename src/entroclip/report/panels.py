@@ -33,6 +33,14 @@ class Panel:
     caption: str
 
 
+COUNTERFACTUAL_CAPTION = (
+    "The counterfactual probe (`diagnostics.counterfactual_every`): the probe entropy after the update "
+    "minus the probe entropy after the same update replayed from the same weights with clip-low "
+    "(cf_effect_low) or clip-high (cf_effect_high) switched off; the measured effect of each clip on the "
+    "whole model, beside the per-token first-order effect_low / effect_high, which overstate it where the "
+    "positions share weights."
+)
+
 RUN_PANELS = (
     Panel(
         "entropy",
@@ -42,10 +50,13 @@ RUN_PANELS = (
             ("rollout", _metric("entropy/rollout")),
             ("probe before update", _metric("entropy/probe_before")),
             ("probe after update", _metric("entropy/probe_after")),
+            ("rollout, trace", _metric("entropy/trace")),
+            ("rollout, answer", _metric("entropy/answer")),
         ),
         "Rollout entropy: the pre-update (sampling) policy, exact over the full vocabulary at the sampling "
-        "temperature ({temperature}), averaged over the sampled response positions. Probe entropy: exact, "
-        "full vocabulary, on the same fixed probe prompts and continuations at every step, measured with the "
+        "temperature ({temperature}), averaged over the sampled response positions (on tasks with a "
+        "reasoning trace also over the trace and the answer positions alone). Probe entropy: exact, full "
+        "vocabulary, on the same fixed probe prompts and continuations at every step, measured with the "
         "policy just before and just after each update.",
     ),
     Panel(
@@ -73,8 +84,18 @@ RUN_PANELS = (
         ),
         "First-order entropy change per unit learning rate at the updated response tokens, each token "
         "treated as having its own logits (a per-token proxy): effect_low/high/dual is the change caused "
-        "by clipping those tokens (theory: effect_low >= 0, effect_high <= 0 in expectation), "
-        "effect_pos/neg the change from the unclipped A > 0 / A < 0 tokens.",
+        "by clipping those tokens (theory, for advantages independent of the action: effect_low >= 0, "
+        "effect_high <= 0 in expectation), effect_pos/neg the change from the unclipped A > 0 / A < 0 tokens.",
+    ),
+    Panel(
+        "counterfactual",
+        "Counterfactual clip effects (nats per update)",
+        "entropy change per update (nats)",
+        (
+            ("cf_effect_low", _metric("entropy/cf_effect_low")),
+            ("cf_effect_high", _metric("entropy/cf_effect_high")),
+        ),
+        COUNTERFACTUAL_CAPTION,
     ),
     Panel(
         "reward",
@@ -123,12 +144,40 @@ STUDY_PANELS = (
         "target dashed). Mean over seeds (line), one standard deviation across seeds (band).",
     ),
     Panel(
+        "trace_answer_entropy",
+        "Rollout entropy of the trace and of the answer per setting",
+        "entropy (nats)",
+        (("trace", _metric("entropy/trace")), ("answer", _metric("entropy/answer"))),
+        "Rollout entropy (as above) over the reasoning-trace positions, which the reward does not read, and "
+        "over the answer positions alone (tasks with a trace): mean over seeds (line), one standard "
+        "deviation across seeds (band).",
+    ),
+    Panel(
         "clip_fractions",
         "Clip fractions per setting",
         "fraction of response tokens",
         (("clip-low", _metric(names.CLIP_LOW)), ("clip-high", _metric(names.CLIP_HIGH))),
         "Sign-gated clip-low and clip-high fractions of the update's response tokens: mean over seeds (line) "
         "and one standard deviation across seeds (band).",
+    ),
+    Panel(
+        "clip_effects",
+        "First-order clip effects per setting (per unit lr)",
+        "entropy change per unit lr",
+        (("effect_low", _metric("entropy/effect_low")), ("effect_high", _metric("entropy/effect_high"))),
+        "First-order entropy change per unit learning rate caused by clip-low (effect_low) and clip-high "
+        "(effect_high), each token treated as having its own logits: mean over seeds (line), one standard "
+        "deviation (band). The counterfactual panel below measures the same two effects on the model.",
+    ),
+    Panel(
+        "counterfactual",
+        "Counterfactual clip effects per setting (nats per update)",
+        "entropy change per update (nats)",
+        (
+            ("cf_effect_low", _metric("entropy/cf_effect_low")),
+            ("cf_effect_high", _metric("entropy/cf_effect_high")),
+        ),
+        COUNTERFACTUAL_CAPTION + " Mean over seeds (line), one standard deviation (band).",
     ),
     Panel(
         "reward",
