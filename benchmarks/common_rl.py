@@ -17,7 +17,7 @@ import torch
 
 from entroclip.advantages import group_advantages
 from entroclip.compiling import EAGER, CompileCache
-from entroclip.config import load_config
+from entroclip.config import Config, load_config
 from entroclip.control import ControlAction
 from entroclip.policy.sampling import response_logits, sample, token_logprobs
 from entroclip.update import RunSettings, UpdateBatch, minibatch_indices, run_update
@@ -29,12 +29,17 @@ PROMPTS, GROUP, NEW_TOKENS, EPOCHS, MINIBATCHES, LR = 16, 8, 6, 4, 4, 1e-4
 QUICK_ACTION = ControlAction(eps_low=0.2, eps_high=0.2, entropy_coef=0.0)
 
 
+def quick_config(
+    attribution: bool = True, max_len: int = NEW_TOKENS, overrides: tuple[str, ...] = ()
+) -> Config:
+    """configs/quick.yaml with the benchmark's batch shape and ``overrides`` (``key=value``)."""
+    fixed = [f"diagnostics.attribution={str(attribution).lower()}", f"loss.max_len={max_len}"]
+    return load_config(Path(__file__).parent.parent / "configs/quick.yaml", [*fixed, *overrides])
+
+
 def quick_settings(attribution: bool = True, max_len: int = NEW_TOKENS) -> RunSettings:
     """configs/quick.yaml's fixed update settings."""
-    overrides = [f"diagnostics.attribution={str(attribution).lower()}", f"loss.max_len={max_len}"]
-    return RunSettings.from_config(
-        load_config(Path(__file__).parent.parent / "configs/quick.yaml", overrides)
-    )
+    return RunSettings.from_config(quick_config(attribution, max_len))
 
 
 def make_batch(model: Any, tokenizer: Any, prompts: list[str], new_tokens: int, seed: int = 0) -> UpdateBatch:
@@ -69,7 +74,9 @@ class UpdateRig:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
 
-    def update(self, settings: RunSettings, functions: CompileCache = EAGER) -> None:
+    def update(
+        self, settings: RunSettings, functions: CompileCache = EAGER, action: ControlAction = QUICK_ACTION
+    ) -> None:
         assert self.optimizer is not None and self.scheduler is not None
         run_update(
             self.model,
@@ -77,7 +84,7 @@ class UpdateRig:
             self.scheduler,
             self.batch,
             settings,
-            QUICK_ACTION,
+            action,
             shuffle_seed=0,
             compiler=functions,
         )

@@ -26,7 +26,7 @@ from typing import Any
 
 import harness
 
-BENCHMARKS = ["entropy", "overhead", "losses", "rollout", "step", "theory", "flops"]
+BENCHMARKS = ["entropy", "overhead", "losses", "control", "rollout", "step", "theory", "flops"]
 DEFAULT_THREADS = 1
 PROPOSALS = harness.BENCH_DIR / "PROPOSALS.md"
 CHANGES = harness.BENCH_DIR / "CHANGES.md"
