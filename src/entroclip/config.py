@@ -417,8 +417,8 @@ class Config(Section):
             )
         if self.task.name in TRACE_TASKS and self.eval.every and self.eval.reward == "exact_match":
             raise ValueError(
-                f"eval.reward must be trace_answer for task.name={self.task.name!r}: exact_match compares the whole "
-                "response, trace included, with the answer, so no response would count as correct"
+                f"eval.reward must be trace_answer for task.name={self.task.name!r}: exact_match compares "
+                "the whole response, trace included, with the answer, so no response would count as correct"
             )
         if self.advantage.kind in ("grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(

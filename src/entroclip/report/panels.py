@@ -85,7 +85,8 @@ RUN_PANELS = (
         "First-order entropy change per unit learning rate at the updated response tokens, each token "
         "treated as having its own logits (a per-token proxy): effect_low/high/dual is the change caused "
         "by clipping those tokens (theory, for advantages independent of the action: effect_low >= 0, "
-        "effect_high <= 0 in expectation), effect_pos/neg the change from the unclipped A > 0 / A < 0 tokens.",
+        "effect_high <= 0 in expectation), effect_pos/neg the change from the unclipped A > 0 / A < 0 "
+        "tokens.",
     ),
     Panel(
         "counterfactual",
