@@ -693,4 +693,3 @@ if __name__ == "__main__":  # python tests/unit/test_report.py: rewrite tests/go
         for name, text in write_golden_outputs(Path(tmp)).items():
             (GOLDEN / name).parent.mkdir(parents=True, exist_ok=True)
             (GOLDEN / name).write_text(text)
-
