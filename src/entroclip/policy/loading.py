@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import os
+import shutil
 from pathlib import Path
 from typing import cast
 
 import torch
+from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -38,26 +42,78 @@ def resolve_gguf(gguf_file: str) -> Path:
     return path
 
 
+def gguf_cache_dir() -> Path:
+    """Where dequantised GGUF models are cached: ``$ENTROCLIP_CACHE_DIR/gguf``, else
+    ``~/.cache/entroclip/gguf``."""
+    root = os.environ.get("ENTROCLIP_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "entroclip") / "gguf"
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached_gguf(file: Path, cache_dir: Path | None = None) -> Path:
+    """A Hugging Face folder (config, float32 safetensors, tokenizer) of ``file`` dequantised, written once.
+
+    Dequantising a GGUF file and converting its tokenizer takes a minute or more on a CPU; the folder,
+    keyed by the file's SHA-256, loads in about a second. It is written under a temporary name and renamed,
+    so an interrupted first load leaves no folder that a later one would trust.
+    """
+    folder = (cache_dir or gguf_cache_dir()) / f"{file.stem}-{_sha256(file)[:16]}"
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        file.parent, gguf_file=file.name, local_files_only=True, dtype=torch.float32
+    )
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):  # dequantised: the folder holds plain float32 weights
+        del config.quantization_config
+    config.save_pretrained(partial)
+    model.generation_config.save_pretrained(partial)
+    save_model(model, str(partial / "model.safetensors"))  # tied embeddings stored once
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
 def load_policy(
-    path: str | Path | None = None, gguf_file: str | None = None, dtype: torch.dtype = torch.float32
+    path: str | Path | None = None,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: Path | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local HF folder (``path``) or a GGUF file.
 
-    Only local files are read (``local_files_only``). The tokenizer pads on the left for generation.
+    A GGUF file is dequantised once into a cached folder (:func:`cached_gguf`, under ``cache_dir`` or
+    :func:`gguf_cache_dir`) and loaded from there. Only local files are read (``local_files_only``), and
+    only as safetensors or JSON. The tokenizer pads on the left for generation.
     """
     if (path is None) == (gguf_file is None):
         raise ValueError("give exactly one of path and gguf_file")
     if gguf_file is not None:
-        file = resolve_gguf(gguf_file)
-        folder, kwargs = file.parent, {"gguf_file": file.name}
+        folder = cached_gguf(resolve_gguf(gguf_file), cache_dir)
     else:
-        folder, kwargs = Path(path), {}  # type: ignore[arg-type]
+        folder = Path(path)  # type: ignore[arg-type]
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(
                 f"model.path is not a Hugging Face model folder (no config.json): {folder}"
             )
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=dtype, use_safetensors=True
+    )
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
