@@ -260,8 +260,9 @@ class ControlConfig(Section):
         None,
         description="clip, cascade: eps_high at the output +1 (the entropy-raising end); off: clip-high "
         "off there, approached through 1.0 (the paper's direction, e.g. with eps_high_down 0.05); null: "
-        "loss.eps_high. Under verifiable rewards clip-high raised entropy in docs/results.md, so the default "
-        "leaves it alone",
+        "loss.eps_high. Under verifiable rewards the first-order effect_high is positive but the "
+        "counterfactual probe and a tight clip-high lower entropy (docs/results.md 1d); until a 5-seed study "
+        "settles it the default leaves clip-high alone",
     )
     coef_rule: Literal["sac", "pi"] = Field(
         "sac",

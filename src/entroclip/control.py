@@ -222,8 +222,9 @@ class ClipController(Controller):
     - u = +1: the tightest clip-low (``eps_low_min``) and ``eps_high_up``, which raise entropy.
     ``eps_high_down`` / ``eps_high_up`` None keep ``loss.eps_high``; ``"off"`` approaches clip-high off
     through ``OFF_APPROACH`` and switches it off at the end. The paper's direction is eps_high_down 0.05,
-    eps_high_up off; under verifiable rewards clip-high raised entropy (docs/results.md), hence the default
-    that leaves it alone.
+    eps_high_up off. Under verifiable rewards the first-order ``effect_high`` is positive, while the
+    counterfactual probe and a one-seed pilot with eps_high_down 0.05 show the paper's sign (docs/results.md
+    1d); the default leaves clip-high alone until a 5-seed study settles it.
     """
 
     low_output, high_output = -1.0, 1.0
