@@ -27,10 +27,7 @@ def run(quick: bool, threads: int) -> dict[str, Any]:
     keep_freed_memory()  # as the trainer does by default (run.keep_freed_memory)
     reps = 3 if quick else 21
     with tempfile.TemporaryDirectory() as tmp:
-        model, tokenizer = harness.builtin_policy("tiny-0.1m", Path(tmp) / "tiny")
-        prompts = harness.addition_prompts(common_rl.PROMPTS, common_rl.GROUP)
-        batch = common_rl.make_batch(model, tokenizer, prompts, common_rl.NEW_TOKENS)
-        rig = common_rl.UpdateRig.create(model, batch)
+        rig = common_rl.tiny_rig(Path(tmp) / "tiny")
         ppo = common_rl.quick_settings(True)
         variants = {"ppo": ppo} | {k: replace(ppo, policy_loss=PolicyLossKind(k)) for k in KINDS}  # type: ignore[arg-type]
         fns = {name: (lambda s=settings: rig.update(s)) for name, settings in variants.items()}

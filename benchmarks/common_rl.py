@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import harness
 import torch
 
 from entroclip.advantages import group_advantages
@@ -93,6 +94,13 @@ class UpdateRig:
         """The same minibatch steps with a minimal clipped loss and no diagnostics or statistics."""
         assert self.optimizer is not None and self.scheduler is not None
         bare_update(self.model, self.optimizer, self.scheduler, self.batch, settings, functions)
+
+
+def tiny_rig(folder: Path) -> UpdateRig:
+    """An :class:`UpdateRig` on the quick batch of the built-in tiny-0.1m (its files under ``folder``)."""
+    model, tokenizer = harness.builtin_policy("tiny-0.1m", folder)
+    prompts = harness.addition_prompts(PROMPTS, GROUP)
+    return UpdateRig.create(model, make_batch(model, tokenizer, prompts, NEW_TOKENS))
 
 
 def compiled_functions() -> CompileCache:

@@ -33,6 +33,10 @@ class Panel:
     caption: str
 
 
+COUNTERFACTUAL_CURVES = (
+    ("cf_effect_low", _metric("entropy/cf_effect_low")),
+    ("cf_effect_high", _metric("entropy/cf_effect_high")),
+)
 COUNTERFACTUAL_CAPTION = (
     "The counterfactual probe (`diagnostics.counterfactual_every`): the probe entropy after the update "
     "minus the probe entropy after the same update replayed from the same weights with clip-low "
@@ -92,10 +96,7 @@ RUN_PANELS = (
         "counterfactual",
         "Counterfactual clip effects (nats per update)",
         "entropy change per update (nats)",
-        (
-            ("cf_effect_low", _metric("entropy/cf_effect_low")),
-            ("cf_effect_high", _metric("entropy/cf_effect_high")),
-        ),
+        COUNTERFACTUAL_CURVES,
         COUNTERFACTUAL_CAPTION,
     ),
     Panel(
@@ -174,10 +175,7 @@ STUDY_PANELS = (
         "counterfactual",
         "Counterfactual clip effects per setting (nats per update)",
         "entropy change per update (nats)",
-        (
-            ("cf_effect_low", _metric("entropy/cf_effect_low")),
-            ("cf_effect_high", _metric("entropy/cf_effect_high")),
-        ),
+        COUNTERFACTUAL_CURVES,
         COUNTERFACTUAL_CAPTION + " Mean over seeds (line), one standard deviation (band).",
     ),
     Panel(
